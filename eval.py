@@ -2,8 +2,6 @@
 
 Paper section 6: temperature 0.6, top-p 0.9; the paper's benchmark numbers use 50 samples per problem,
 validation during training 1. `evaluate` is the one function the training scripts validate with.
-
-  python eval.py --model runs/dpo_semionline/step_000030 --data ../shared/data/math500.jsonl --samples 4
 """
 import json, math, os
 from dataclasses import dataclass, field

@@ -34,12 +34,12 @@ def test_sync_every_2_steps(tiny_model, tmp_path, sampler):
             "time_train", "time_sync", "margin", "kl"}
     assert all(keys <= r.keys() for r in train)
     assert sum(r["pairs"] for r in train) > 0, "no pair formed: the test would pass vacuously"
-    assert 0 < train[0]["reward"] < 1 and train[0]["entropy"] > 0
+    assert 0 < sum(r["reward"] for r in train) < len(train) and all(r["entropy"] > 0 for r in train if r["pairs"])
     for r in train:
         if r["pairs"] and r["synced"]:
             assert abs(r["logp_gap"]) < (1e-4 if sampler == "hf" else 2e-2), r
     # lr 1e-3 moves the policy: one step later the stale generator no longer agrees with it
-    stale = [r for r in train if r["pairs"] and not r["synced"]]
+    stale = [r for prev, r in zip(train, train[1:]) if r["pairs"] and not r["synced"] and prev["pairs"]]
     assert all(abs(r["logp_gap"]) > 1e-3 for r in stale), stale
     assert {"val_reward", "val_length"} <= rows[0].keys() and rows[-1]["step"] == 4 and "val_reward" in rows[-1]
     assert re.search(r"val_reward before \(step 0\): [\d.]+ \+- [\d.]+", p.stdout)
@@ -67,12 +67,13 @@ def test_resume_after_kill(tiny_model, tmp_path):
     assert all(os.path.exists(os.path.join(out, f"step_00000{s}", "model.safetensors")) for s in (2, 4))
 
 
-def test_torchrun_two_processes(tiny_model, tmp_path):
-    """2 CPU processes (gloo, DDP): both ranks end with identical weights."""
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_torchrun_two_processes(tiny_model, tmp_path, wrap):
+    """2 CPU processes (gloo; DDP, or FSDP2 shards): both ranks end with identical weights."""
     out = str(tmp_path / "run")
     small = ["--num_responses" if a == "--n" else a for a in SMALL]  # torchrun would take --n for itself
-    p = run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 2, "--out", out, *small,
-                   nproc=2)
+    p = run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 3, "--out", out, *small,
+                   *(["--fsdp"] if wrap == "fsdp" else []), nproc=2)
     prints = dict(re.findall(r"rank (\d) weights fingerprint (\S+)", p.stdout + p.stderr))
     assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints
     assert sum(r["pairs"] for r in metrics(out) if "loss" in r) > 0
