@@ -20,7 +20,7 @@ Deliberate deviations from the paper and the authors' code:
   python dpo_semionline.py                                         # embedded default, CPU ok
   torchrun --nproc_per_node 8 dpo_semionline.py --sync 10 --model meta-llama/Llama-3.1-8B-Instruct ...
 """
-import json, math, os, random, time
+import json, math, os, random, sys, time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,7 +47,7 @@ class Args:
     max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of training rollouts"})
     top_p: float = field(default=1.0, metadata={"help": "top-p of training rollouts"})
-    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
+    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
     adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
@@ -56,7 +56,7 @@ class Args:
     lr_min_ratio: float = field(default=0.2, metadata={"help": "cosine schedule ends at this fraction of lr"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (paper: 0.1)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta (eq. 3)"})
-    sync: float = field(default=5, metadata={"help": "steps between generator syncs: 1 online, inf offline"})
+    sync: float = field(default=10, metadata={"help": "steps between generator syncs: 1 online, inf offline"})
     ref_sync: bool = field(default=True, metadata={"help": "refresh the reference model with the generator"})
     nll_coef: float = field(default=0.0, metadata={"help": "weight of the length-normalised NLL on chosen responses"})
     entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus on chosen responses"})
@@ -243,8 +243,9 @@ def main():
                            "val_length": val["length"]})
     save_checkpoint(args.out, args.steps, model, tokenizer, optimizer, scheduler)
     # ranks must end with identical weights; a cheap fingerprint to check it
-    print(f"rank {rank} weights fingerprint {sum(p.double().sum().item() for p in full_state_dict(model).values()):.17g}",
-          flush=True)
+    fingerprint = sum(p.double().sum().item() for p in full_state_dict(model).values())
+    sys.stdout.write(f"rank {rank} weights fingerprint {fingerprint:.17g}\n")  # one write: ranks' lines don't interleave
+    sys.stdout.flush()
     for name, (s, v) in (("before", val_history[0] if val_history else (None, None)), ("after", (args.steps, val))):
         if v is not None:
             print0(f"val_reward {name} (step {s}): {v['reward']:.3f} +- {v['reward_se']:.3f}  (length {v['length']:.1f})")

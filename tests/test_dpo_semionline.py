@@ -74,7 +74,7 @@ def test_torchrun_two_processes(tiny_model, tmp_path, wrap):
     small = ["--num_responses" if a == "--n" else a for a in SMALL]  # torchrun would take --n for itself
     p = run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 3, "--out", out, *small,
                    *(["--fsdp"] if wrap == "fsdp" else []), nproc=2)
-    prints = dict(re.findall(r"rank (\d) weights fingerprint (\S+)", p.stdout + p.stderr))
+    prints = dict(re.findall(r"rank (\d) weights fingerprint ([-+\d.e]+)\n", p.stdout + p.stderr))
     assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints
     assert sum(r["pairs"] for r in metrics(out) if "loss" in r) > 0
 
