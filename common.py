@@ -316,6 +316,41 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return -F.logsigmoid(beta * logits)  # eq. 3
 
 
+def grpo_advantages(rewards, std_normalize=True, eps=1e-6):
+    """Group-relative advantages [P, N] from rewards [P, N] (P prompts, N responses each), section 3:
+    A_i = (r_i - mean(r)) / (std(r) + eps), unbiased std as in the authors' code; centred only with
+    std_normalize=False (the paper's formula). A group whose rewards are all equal gets 0."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    advantages = centred / (rewards.std(-1, keepdim=True) + eps) if std_normalize else centred
+    all_equal = (rewards == rewards[:, :1]).all(-1, keepdim=True)  # exactly 0, whatever the float rounding of the mean
+    return advantages.masked_fill(all_equal, 0.0)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, kl_beta, clip_eps):
+    """Token-level GRPO loss: per response token, the clipped PPO surrogate plus kl_beta x the k3 estimate of
+    KL(policy || reference); summed over each sequence's response tokens (no length normalisation), then
+    averaged over the B sequences. logps, old_logps (the generator's), ref_logps, completion_mask (bool):
+    [B, T]; advantages: [B]. Returns a scalar."""
+    ratio = torch.exp(logps - old_logps)  # exactly 1 on-policy: the gradient is REINFORCE's, A * grad log p
+    a = advantages[:, None]
+    surrogate = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)  # PPO clip (beyond the paper)
+    log_ref_ratio = ref_logps - logps
+    k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # section 3: k3 estimator of the KL to the reference
+    per_token = (-surrogate + kl_beta * k3) * completion_mask
+    return per_token.sum(-1).mean()  # section 3: summed per sequence, averaged over sequences
+
+
+def group_dpo_loss(policy_logps, ref_logps, rewards, beta):
+    """GroupDPO (eq. 4) for one prompt: every correct response (reward 1) paired with every incorrect one
+    (reward 0), DPO loss averaged over the |Y_c| x |Y_r| pairs. policy_logps, ref_logps: summed response
+    log-probs [N]; rewards: [N]. A group without both gives a zero that still carries the graph."""
+    correct, incorrect = (rewards == 1).nonzero()[:, 0], (rewards == 0).nonzero()[:, 0]
+    if len(correct) == 0 or len(incorrect) == 0:
+        return policy_logps.sum() * 0
+    c, r = correct.repeat_interleave(len(incorrect)), incorrect.repeat(len(correct))  # all |Y_c| x |Y_r| pairs
+    return dpo_loss(policy_logps[c], policy_logps[r], ref_logps[c], ref_logps[r], beta).mean()  # eq. 4
+
+
 # ------------------------------------------------------------------------------------------------
 # Math reward: Math-Verify in worker processes, so a hang can be killed and any thread may call it
 # ------------------------------------------------------------------------------------------------

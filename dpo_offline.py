@@ -1,0 +1,286 @@
+"""Offline DPO: pairs sampled once from the seed model, then DPO on that fixed dataset (s = infinity).
+
+Paper: "Bridging Offline and Online Reinforcement Learning for LLMs" (arXiv 2506.21495), section 2,
+DPO loss eq. 3, offline regime: the generator is never synced, which is the same as generating the
+pairs once beforehand; this script does that explicitly. The reference stays the seed model.
+
+Phase 1: sample n responses from the seed model for every training prompt the run will visit
+(steps x prompts_per_step of them, or all), score them with Math-Verify, pair a random correct
+response with a random incorrect one, write <out>/pairs.jsonl. Phase 2, each step: take the prompts
+the online scripts take at that step, their pairs (a prompt without one is skipped, and counted in
+the normaliser, as online), one AdamW step. `--pairs file.jsonl` skips phase 1: a plain DPO trainer
+on rows {prompt, chosen, rejected} (text; prompt is the problem, put through the prompt template).
+
+Deliberate deviations from the paper and the authors' code:
+  1. Defaults are sized for the embedded default (Gemma-3-270M on arithmetic, on a CPU): a larger
+     learning rate and grad clip, short responses, few prompts per step. The README's paper-scale
+     command passes the paper's values.
+  2. Validation (n=1, T=0.6, top-p 0.9) always measures the current policy: the generator, which
+     phase 2 otherwise never uses, is given the current weights for it.
+  3. Resuming reuses <out>/pairs.jsonl: phase 1 is not repeated.
+  4. A prompt visited in two epochs gets the same pair both times (`dpo_semionline.py --sync inf` would
+     sample it afresh). Phase 1's cost is logged once, in the step-0 row's time_gen and time_reward,
+     with the seed's reward and length; later rows log no reward or length and no generation time.
+  5. Pairs given as text are tokenized without special tokens and end with EOS; their generator
+     log-probs are unknown and count as a logp_gap of 0.
+
+  python dpo_offline.py                                            # embedded default, CPU ok
+  python dpo_offline.py --pairs my_pairs.jsonl --model ...         # plain DPO on a pair dataset
+  torchrun --nproc_per_node 8 dpo_offline.py --model meta-llama/Llama-3.1-8B-Instruct ...
+"""
+import json, math, os, random, sys, time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+from common import (Sample, all_reduce, arithmetic_task, barrier, build_prompt, default_model_path, dpo_loss,
+                    full_state_dict, generate, grad_sync, latest_checkpoint, load_checkpoint, load_model, load_rows,
+                    load_tokenizer, log_metrics, make_optimizer, make_sampler, math_rewards, pad_sequences, print0,
+                    save_checkpoint, setup_dist, step_batch, stop_token_ids, sync_weights, token_logps, wrap_model)
+from eval import evaluate
+
+
+@dataclass
+class Args:
+    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M"})
+    data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic"})
+    val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
+    pairs: str = field(default="", metadata={"help": "JSONL {prompt, chosen, rejected} (text) to train on; skips phase 1"})
+    val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)"})
+    steps: int = field(default=30, metadata={"help": "optimizer steps"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)"})
+    n: int = field(default=4, metadata={"help": "phase 1: responses sampled per prompt (alias --num_responses: torchrun reads "
+                                        "a bare --n as its own, ambiguous, option)", "aliases": ["--num_responses"]})
+    max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of phase 1's rollouts"})
+    top_p: float = field(default=1.0, metadata={"help": "top-p of phase 1's rollouts"})
+    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
+    adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    lr_min_ratio: float = field(default=0.2, metadata={"help": "cosine schedule ends at this fraction of lr"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (paper: 0.1)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta (eq. 3)"})
+    nll_coef: float = field(default=0.0, metadata={"help": "weight of the length-normalised NLL on chosen responses"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus on chosen responses"})
+    micro_batch: int = field(default=4, metadata={"help": "pairs per forward/backward (gradient accumulation)"})
+    sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)"})
+    vllm_memory: float = field(default=0.3, metadata={"help": "fraction of GPU memory vLLM may take"})
+    vllm_tp: int = field(default=1, metadata={"help": "vLLM tensor-parallel size, across torchrun ranks"})
+    val_every: int = field(default=0, metadata={"help": "validate every k steps (always before and after)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (always at the end)"})
+    resume: str = field(default="", metadata={"help": "run folder (or step_N folder) to resume from"})
+    out: str = field(default="runs/dpo_offline", metadata={"help": "run folder"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, task and sampling"})
+    fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 instead of DDP"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+
+
+def make_pairs(groups, rewards, rng):
+    """Paper section 2: chosen is a random highest-reward response, rejected a random lowest-reward one
+    (with 0/1 rewards: a random correct vs a random incorrect one). Prompts whose rewards are all
+    equal are skipped. Returns (prompt index, chosen Sample, rejected Sample) triples."""
+    pairs = []
+    for i, (samples, r) in enumerate(zip(groups, rewards)):
+        if max(r) > min(r):
+            pairs.append((i, rng.choice([s for s, x in zip(samples, r) if x == max(r)]),
+                          rng.choice([s for s, x in zip(samples, r) if x == min(r)])))
+    return pairs
+
+
+def row_to_pair(row, tokenizer):
+    """A pairs.jsonl row -> (chosen, rejected) Samples. Phase 1's rows keep the token ids and the generator's
+    log-probs; rows given as text are tokenized, EOS appended, log-probs unknown (nan; deviation 5)."""
+    def sample(key):
+        if f"{key}_token_ids" in row:
+            return Sample(row[f"{key}_token_ids"], row[key], row[f"{key}_logprobs"])
+        ids = tokenizer(row[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return Sample(ids, row[key], [math.nan] * len(ids))
+    return sample("chosen"), sample("rejected")
+
+
+def main():
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    # impossible flag combinations fail here, before any model loads
+    assert not args.pairs or os.path.exists(args.pairs), f"--pairs {args.pairs}: no such file"
+    assert args.prompts_per_step % world == 0, f"--prompts_per_step {args.prompts_per_step} must divide over {world} ranks"
+    assert args.n >= 2, "--n: DPO needs at least 2 responses per prompt"
+    assert args.sampler in ("vllm", "hf", "auto"), "--sampler: vllm, hf or auto"
+    assert not (args.resume and not latest_checkpoint(args.resume) and not os.path.exists(f"{args.resume}/trainer_state.pt")), \
+        f"--resume {args.resume}: no checkpoint there"
+    rank, world, device = setup_dist()
+    random.seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    # ---- data, models, generator ----
+    model_path = args.model or default_model_path()
+    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    train_rows, val_rows = arithmetic_task(args.seed)
+    train_rows = load_rows(args.data) if args.data else train_rows
+    val_rows = load_rows(args.val_data, split="test") if args.val_data else val_rows
+    val_rows = val_rows[:args.val_size or None]
+    for name, rows in (("--data", train_rows), ("--val_data", val_rows)):
+        assert all(r.get("answer") is not None for r in rows), f"{name}: every row needs an 'answer' for the math reward"
+    policy = load_model(model_path, device, args.trust_remote_code)
+    policy.requires_grad_(True)
+    ref = load_model(model_path, device, args.trust_remote_code).eval().requires_grad_(False)
+    stops = stop_token_ids(tokenizer)
+    sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank, stops,
+                           max_model_len=max(len(build_prompt(tokenizer, r["problem"])) for r in train_rows + val_rows)
+                           + args.max_new_tokens, vllm_memory=args.vllm_memory, vllm_tp=args.vllm_tp,
+                           trust_remote_code=args.trust_remote_code)
+    model = wrap_model(policy, device, args.fsdp)
+    ref = wrap_model(ref, device, args.fsdp) if args.fsdp else ref
+    optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
+                                          args.weight_decay, args.steps, args.lr_min_ratio, args.warmup_steps)
+    start = 0
+    if args.resume:
+        start = load_checkpoint(latest_checkpoint(args.resume) or args.resume, model, optimizer, scheduler)
+        print0(f"resumed from {args.resume} at step {start}")
+    if rank == 0:
+        json.dump(asdict(args) | {"model_path": model_path, "world_size": world}, open(f"{args.out}/args.json", "w"), indent=1)
+        if os.path.exists(f"{args.out}/metrics.jsonl"):  # drop rows a killed run logged after its last checkpoint
+            rows = [json.loads(l) for l in open(f"{args.out}/metrics.jsonl")]
+            with open(f"{args.out}/metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < start)
+    val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    val_history = []
+
+    # ---- phase 1: n responses per prompt from the seed model, once; score; pair; write <out>/pairs.jsonl ----
+    pairs_file, phase1 = args.pairs or f"{args.out}/pairs.jsonl", {}
+    if not args.pairs and not (start and os.path.exists(pairs_file)):  # deviation 3
+        t0 = time.time()
+        used = sorted({i for s in range(args.steps) for i in step_batch(len(train_rows), s, args.prompts_per_step, args.seed)})
+        mine, groups, chunk = used[rank::world], [], 256
+        for c in tqdm(range(0, len(mine), chunk), disable=rank != 0, desc="phase 1: sample the seed model"):
+            groups += generate(sampler, [build_prompt(tokenizer, train_rows[i]["problem"]) for i in mine[c:c + chunk]],
+                               args.n, args.temperature, args.top_p, args.max_new_tokens,
+                               seed=args.seed * 100003 + c * world + rank)
+        phase1["time_gen"] = time.time() - t0
+        t0 = time.time()
+        flat = math_rewards([s.text for g in groups for s in g], [train_rows[i]["answer"] for i in mine for _ in range(args.n)])
+        rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
+        phase1["time_reward"] = time.time() - t0
+        pairs = make_pairs(groups, rewards, random.Random(f"{args.seed}-{rank}"))
+        rows = [{"index": mine[k], "prompt": train_rows[mine[k]]["problem"], "chosen": c.text, "rejected": r.text,
+                 "chosen_reward": max(rewards[k]), "rejected_reward": min(rewards[k]), "chosen_token_ids": c.token_ids,
+                 "rejected_token_ids": r.token_ids, "chosen_logprobs": c.logprobs, "rejected_logprobs": r.logprobs}
+                for k, c, r in pairs]
+        gathered = [rows] * world
+        if world > 1:
+            dist.all_gather_object(gathered, rows)
+        g = all_reduce({"rollouts": len(flat), "reward": sum(flat), "length": sum(len(s.token_ids) for grp in groups for s in grp)})
+        phase1 |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"]}
+        if rank == 0:
+            with open(pairs_file + ".tmp", "w") as f:
+                f.writelines(json.dumps(x) + "\n" for part in gathered for x in part)
+            os.replace(pairs_file + ".tmp", pairs_file)  # a killed phase 1 leaves no partial file to resume from
+            print0(f"phase 1: {len(used)} prompts, {sum(map(len, gathered))} pairs, seed reward {phase1['reward']:.3f}")
+        barrier()
+    data = [json.loads(l) for l in open(pairs_file) if l.strip()]
+    assert data and all(k in data[0] for k in ("prompt", "chosen", "rejected")), \
+        f"{pairs_file}: no pairs, or rows without prompt, chosen, rejected"
+    # phase 1's rows are keyed by training row, so a step takes the online scripts' prompts (those without a
+    # pair skipped); the rows of a --pairs file are the prompts themselves
+    by_index = dict(enumerate(data)) if args.pairs else {x["index"]: x for x in data}
+    num_prompts = len(data) if args.pairs else len(train_rows)
+
+    bar = tqdm(range(start, args.steps), disable=rank != 0, desc="dpo_offline", initial=start, total=args.steps)
+    for step in bar:
+        row = {"step": step, "synced": 0, "time_sync": 0.0, "time_gen": 0.0, "time_reward": 0.0} | (phase1 if step == 0 else {})
+
+        # ---- validate the current policy ----
+        if step == 0 or (args.val_every and step % args.val_every == 0):
+            sync_weights(sampler, full_state_dict(model))  # deviation 2
+            val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
+            row |= {"val_reward": val["reward"], "val_reward_se": val["reward_se"], "val_length": val["length"]}
+            val_history.append((step, val))
+
+        # ---- 2-4. this step's prompts and their pairs, from the fixed dataset: nothing is sampled ----
+        batch = step_batch(num_prompts, step, args.prompts_per_step, args.seed)[rank::world]
+        step_rows = [by_index.get(i, data[0]) for i in batch]  # a prompt without a pair: a placeholder, never trained
+        prompts = [build_prompt(tokenizer, x["prompt"]) for x in step_rows]
+        pairs = [(k, *row_to_pair(x, tokenizer)) for k, (i, x) in enumerate(zip(batch, step_rows)) if i in by_index]
+
+        # ---- 5. train: one optimizer step on all pairs of the global batch ----
+        t0 = time.time()
+        model.train()
+        sums = {k: 0.0 for k in ("loss", "pairs", "tokens", "entropy", "logp_gap", "margin", "acc", "kl",
+                                 "chosen_length", "rejected_length")}
+        micro = [pairs[i:i + args.micro_batch] for i in range(0, len(pairs), args.micro_batch)]
+        # every rank runs the same number of forward/backward passes, so collectives stay in step; a rank
+        # short of pairs runs a dummy pair with weight 0
+        n_micro = int(all_reduce({"n": max(1, len(micro))}, op="max")["n"])
+        for m in range(n_micro):
+            mb = micro[m] if m < len(micro) else [(0, *row_to_pair(step_rows[0], tokenizer))]
+            weight = 1.0 if m < len(micro) else 0.0
+            input_ids, attn, cmask = pad_sequences([prompts[i] for i, _, _ in mb] * 2,
+                                                   [c.token_ids for _, c, _ in mb] + [r.token_ids for _, _, r in mb],
+                                                   tokenizer.pad_token_id, device)
+            logps, entropy = token_logps(model, input_ids, attn, cmask)
+            with torch.no_grad():
+                ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
+            seq_logps, seq_ref, lengths = logps.sum(-1), ref_logps.sum(-1), cmask.sum(-1)
+            b = len(mb)
+            losses = dpo_loss(seq_logps[:b], seq_logps[b:], seq_ref[:b], seq_ref[b:], args.beta)
+            chosen_tokens = lengths[:b].clamp(min=1)
+            losses = losses + args.nll_coef * (-seq_logps[:b] / chosen_tokens) \
+                - args.entropy_coef * (entropy[:b].sum(-1) / chosen_tokens)
+            # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks, so the
+            # gradient is that of (sum of pair losses) / (prompts in the global batch)
+            loss = weight * losses.sum() / len(batch)
+            with grad_sync(model, m == n_micro - 1):
+                loss.backward()
+            with torch.no_grad():
+                gen_logps = torch.zeros_like(logps)
+                gen_logps[cmask] = torch.tensor([x for s in [c for _, c, _ in mb] + [r for _, _, r in mb]
+                                                 for x in s.logprobs], device=device)
+                gen_logps = torch.where(gen_logps.isnan(), logps, gen_logps)  # unknown: a gap of 0 (deviation 5)
+                margin = args.beta * ((seq_logps[:b] - seq_ref[:b]) - (seq_logps[b:] - seq_ref[b:]))
+                sums = {k: v + weight * x for (k, v), x in zip(sums.items(), (
+                    losses.sum().item(), b, cmask.sum().item(), entropy[cmask].sum().item(),
+                    (logps - gen_logps)[cmask].sum().item(), margin.sum().item(), (margin > 0).sum().item(),
+                    (logps - ref_logps)[cmask].sum().item(), lengths[:b].sum().item(), lengths[b:].sum().item()))}
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row["time_train"] = time.time() - t0
+
+        # ---- log and checkpoint ----
+        g = all_reduce(sums | {"prompts": len(batch)})
+        npairs, ntok = max(g["pairs"], 1), max(g["tokens"], 1)
+        row |= {"loss": g["loss"] / g["prompts"],
+                "pairs": int(g["pairs"]), "entropy": g["entropy"] / ntok, "logp_gap": g["logp_gap"] / ntok,
+                "kl": g["kl"] / ntok, "margin": g["margin"] / npairs, "pair_acc": g["acc"] / npairs,
+                "chosen_length": g["chosen_length"] / npairs, "rejected_length": g["rejected_length"] / npairs,
+                "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()), "lr": scheduler.get_last_lr()[0]}
+        log_metrics(args.out, row)
+        if rank == 0:
+            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(args.out, step + 1, model, tokenizer, optimizer, scheduler)
+
+    # ---- after training: validate the final policy, save ----
+    sync_weights(sampler, full_state_dict(model))
+    val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
+    log_metrics(args.out, {"step": args.steps, "val_reward": val["reward"], "val_reward_se": val["reward_se"],
+                           "val_length": val["length"]})
+    save_checkpoint(args.out, args.steps, model, tokenizer, optimizer, scheduler)
+    # ranks must end with identical weights; a cheap fingerprint to check it
+    fingerprint = sum(p.double().sum().item() for p in full_state_dict(model).values())
+    sys.stdout.write(f"rank {rank} weights fingerprint {fingerprint:.17g}\n")  # one write: ranks' lines don't interleave
+    sys.stdout.flush()
+    for name, (s, v) in (("before", val_history[0] if val_history else (None, None)), ("after", (args.steps, val))):
+        if v is not None:
+            print0(f"val_reward {name} (step {s}): {v['reward']:.3f} +- {v['reward_se']:.3f}  (length {v['length']:.1f})")
+
+
+if __name__ == "__main__":
+    main()

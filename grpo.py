@@ -1,0 +1,249 @@
+"""GRPO: group-relative advantages, a token-level clipped surrogate and a k3 KL to a fixed reference.
+
+Paper: "Bridging Offline and Online Reinforcement Learning for LLMs" (arXiv 2506.21495), its GRPO
+baseline, run online (s = 1) as in the paper; `--sync s` > 1 gives semi-online GRPO, which the paper
+names as future work. N = 8 responses per prompt, KL coefficient 0.001, reference fixed.
+
+Each step: (1) every s steps copy the trainer's weights into the generator (and, with --ref_sync,
+into the reference model); (2) sample n responses per prompt; (3) score them with Math-Verify;
+(4) advantages (r - mean) / (std + 1e-6) over each prompt's group; (5) one AdamW step on the
+token-level loss, summed over each response and averaged over all responses of the global batch.
+
+Deliberate deviations from the paper and the authors' code:
+  1. Defaults are sized for the embedded default (Gemma-3-270M on arithmetic, on a CPU): a larger
+     learning rate and grad clip, short responses, few prompts per step. The README's paper-scale
+     command passes the paper's values.
+  2. Validation (n=1, T=0.6, top-p 0.9) always measures the current policy: when it falls between
+     two syncs, the generator is given the current weights for it and then its stale ones back.
+  3. Resuming syncs the generator (and, with --ref_sync, the reference) at the resumed step, so the
+     staleness window restarts there; with --sync inf the generator stays the seed model.
+  4. The importance ratio's denominator is the generator's own log-prob of each sampled token, clipped
+     PPO-style at 1 +- --clip_eps (the authors' code uses the trainer's detached log-prob: a ratio of
+     exactly 1). With s = 1 and the HF sampler it is 1 and the gradient is the paper's REINFORCE-like one;
+     with vLLM it differs from 1 by the two engines' numerics; with s > 1 it corrects for staleness.
+  5. The entropy bonus (--entropy_coef, default 0) is the mean next-token entropy of each response,
+     averaged over all responses, as the DPO scripts' bonus is over chosen responses.
+
+  python grpo.py                                                   # embedded default, CPU ok
+  torchrun --nproc_per_node 8 grpo.py --model meta-llama/Llama-3.1-8B-Instruct --num_responses 8 ...
+"""
+import json, math, os, random, sys, time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+from common import (all_reduce, arithmetic_task, build_prompt, copy_weights, default_model_path, full_state_dict, generate,
+                    grad_sync, grpo_advantages, grpo_loss, latest_checkpoint, load_checkpoint, load_model, load_rows,
+                    load_tokenizer, log_metrics, make_optimizer, make_sampler, math_rewards, pad_sequences, print0,
+                    save_checkpoint, setup_dist, step_batch, stop_token_ids, sync_weights, token_logps, wrap_model)
+from eval import evaluate
+
+
+@dataclass
+class Args:
+    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M"})
+    data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic"})
+    val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
+    val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)"})
+    steps: int = field(default=30, metadata={"help": "optimizer steps"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)"})
+    n: int = field(default=8, metadata={"help": "responses sampled per prompt (alias --num_responses: torchrun reads "
+                                        "a bare --n as its own, ambiguous, option)", "aliases": ["--num_responses"]})
+    max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of training rollouts"})
+    top_p: float = field(default=1.0, metadata={"help": "top-p of training rollouts"})
+    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
+    adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    lr_min_ratio: float = field(default=0.2, metadata={"help": "cosine schedule ends at this fraction of lr"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (paper: 0.1)"})
+    kl_beta: float = field(default=0.001, metadata={"help": "weight of the k3 KL to the reference, per token"})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip of the importance ratio to the generator"})
+    std_normalize: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std"})
+    sync: float = field(default=1, metadata={"help": "steps between generator syncs: 1 online (the paper's GRPO)"})
+    ref_sync: bool = field(default=False, metadata={"help": "refresh the reference model with the generator"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus on all responses"})
+    micro_batch: int = field(default=8, metadata={"help": "responses per forward/backward (gradient accumulation)"})
+    sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)"})
+    vllm_memory: float = field(default=0.3, metadata={"help": "fraction of GPU memory vLLM may take"})
+    vllm_tp: int = field(default=1, metadata={"help": "vLLM tensor-parallel size, across torchrun ranks"})
+    val_every: int = field(default=0, metadata={"help": "validate every k steps (always before and after)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (always at the end)"})
+    resume: str = field(default="", metadata={"help": "run folder (or step_N folder) to resume from"})
+    out: str = field(default="runs/grpo", metadata={"help": "run folder"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, task and sampling"})
+    fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 instead of DDP"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+
+
+def main():
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    # impossible flag combinations fail here, before any model loads
+    assert args.sync >= 1 and (math.isinf(args.sync) or args.sync == int(args.sync)), "--sync: a positive integer or inf"
+    assert args.prompts_per_step % world == 0, f"--prompts_per_step {args.prompts_per_step} must divide over {world} ranks"
+    assert args.n >= 2, "--n: group-relative advantages need at least 2 responses per prompt"
+    assert args.sampler in ("vllm", "hf", "auto"), "--sampler: vllm, hf or auto"
+    assert not (args.resume and not latest_checkpoint(args.resume) and not os.path.exists(f"{args.resume}/trainer_state.pt")), \
+        f"--resume {args.resume}: no checkpoint there"
+    rank, world, device = setup_dist()
+    random.seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    # ---- data, models, generator ----
+    model_path = args.model or default_model_path()
+    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    train_rows, val_rows = arithmetic_task(args.seed)
+    train_rows = load_rows(args.data) if args.data else train_rows
+    val_rows = load_rows(args.val_data, split="test") if args.val_data else val_rows
+    val_rows = val_rows[:args.val_size or None]
+    for name, rows in (("--data", train_rows), ("--val_data", val_rows)):
+        assert all(r.get("answer") is not None for r in rows), f"{name}: every row needs an 'answer' for the math reward"
+    policy = load_model(model_path, device, args.trust_remote_code)
+    policy.requires_grad_(True)
+    ref = load_model(model_path, device, args.trust_remote_code).eval().requires_grad_(False)
+    stops = stop_token_ids(tokenizer)
+    sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank, stops,
+                           max_model_len=max(len(build_prompt(tokenizer, r["problem"])) for r in train_rows + val_rows)
+                           + args.max_new_tokens, vllm_memory=args.vllm_memory, vllm_tp=args.vllm_tp,
+                           trust_remote_code=args.trust_remote_code)
+    model = wrap_model(policy, device, args.fsdp)
+    ref = wrap_model(ref, device, args.fsdp) if args.fsdp else ref
+    optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
+                                          args.weight_decay, args.steps, args.lr_min_ratio, args.warmup_steps)
+    start = 0
+    if args.resume:
+        start = load_checkpoint(latest_checkpoint(args.resume) or args.resume, model, optimizer, scheduler)
+        if args.ref_sync:
+            copy_weights(ref, model)  # deviation 3
+        print0(f"resumed from {args.resume} at step {start}")
+    if rank == 0:
+        json.dump(asdict(args) | {"model_path": model_path, "world_size": world}, open(f"{args.out}/args.json", "w"), indent=1)
+        if os.path.exists(f"{args.out}/metrics.jsonl"):  # drop rows a killed run logged after its last checkpoint
+            rows = [json.loads(l) for l in open(f"{args.out}/metrics.jsonl")]
+            with open(f"{args.out}/metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < start)
+    val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    keep_gen_state = args.val_every and args.val_every % args.sync != 0  # deviation 2 needs the stale weights
+    gen_state, val_history = None, []
+
+    bar = tqdm(range(start, args.steps), disable=rank != 0, desc="grpo", initial=start, total=args.steps)
+    for step in bar:
+        row = {"step": step, "synced": 0, "time_sync": 0.0}
+
+        # ---- 1. sync the generator (and the reference) every `sync` steps ----
+        if step % args.sync == 0 or (step == start and not math.isinf(args.sync)):
+            state = full_state_dict(model)
+            row["time_sync"], row["synced"] = sync_weights(sampler, state), 1
+            gen_state = {k: v.cpu().clone() for k, v in state.items()} if keep_gen_state else None
+            if args.ref_sync:
+                copy_weights(ref, model)
+            del state
+
+        # ---- validate the current policy ----
+        if step == 0 or (args.val_every and step % args.val_every == 0):
+            if not row["synced"]:
+                sync_weights(sampler, full_state_dict(model))
+            val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
+            if not row["synced"]:
+                sync_weights(sampler, gen_state)
+            row |= {"val_reward": val["reward"], "val_reward_se": val["reward_se"], "val_length": val["length"]}
+            val_history.append((step, val))
+
+        # ---- 2. generate: n responses for each of this rank's prompts ----
+        t0 = time.time()
+        batch = [train_rows[i] for i in step_batch(len(train_rows), step, args.prompts_per_step, args.seed)]
+        batch = batch[rank::world]
+        prompts = [build_prompt(tokenizer, r["problem"]) for r in batch]
+        groups = generate(sampler, prompts, args.n, args.temperature, args.top_p, args.max_new_tokens,
+                          seed=args.seed * 100003 + step * world + rank)
+        row["time_gen"] = time.time() - t0
+
+        # ---- 3. score with Math-Verify ----
+        t0 = time.time()
+        flat = math_rewards([s.text for g in groups for s in g], [r["answer"] for r in batch for _ in range(args.n)])
+        rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
+        row["time_reward"] = time.time() - t0
+
+        # ---- 4. advantages: each response's reward against its prompt's group ----
+        advantages = grpo_advantages(torch.tensor(rewards, dtype=torch.float32), args.std_normalize)  # [prompts, n]
+        rollouts = [(i, s, a) for i, (grp, adv) in enumerate(zip(groups, advantages.tolist())) for s, a in zip(grp, adv)]
+
+        # ---- 5. train: one optimizer step on all responses of the global batch ----
+        t0 = time.time()
+        model.train()
+        sums = {k: 0.0 for k in ("loss", "tokens", "entropy", "logp_gap", "clipped", "kl")}
+        micro = [rollouts[i:i + args.micro_batch] for i in range(0, len(rollouts), args.micro_batch)]
+        # every rank runs the same number of forward/backward passes, so collectives stay in step; a rank
+        # short of responses runs a dummy one with weight 0
+        n_micro = int(all_reduce({"n": max(1, len(micro))}, op="max")["n"])
+        for m in range(n_micro):
+            mb = micro[m] if m < len(micro) else [(0, groups[0][0], 0.0)]
+            weight = 1.0 if m < len(micro) else 0.0
+            input_ids, attn, cmask = pad_sequences([prompts[i] for i, _, _ in mb], [s.token_ids for _, s, _ in mb],
+                                                   tokenizer.pad_token_id, device)
+            logps, entropy = token_logps(model, input_ids, attn, cmask)
+            with torch.no_grad():
+                ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
+                gen_logps = torch.zeros_like(logps)  # the importance ratio's denominator (deviation 4)
+                gen_logps[cmask] = torch.tensor([x for _, s, _ in mb for x in s.logprobs], device=device)
+            adv, b = torch.tensor([a for _, _, a in mb], device=device), len(mb)
+            mean_loss = grpo_loss(logps, gen_logps, ref_logps, adv, cmask, args.kl_beta, args.clip_eps) \
+                - args.entropy_coef * (entropy.sum(-1) / cmask.sum(-1).clamp(min=1)).mean()
+            # normaliser: this rank's responses; DDP averages over ranks, so the gradient is that of
+            # (sum of per-response losses) / (responses in the global batch)
+            loss = weight * mean_loss * b / len(rollouts)
+            with grad_sync(model, m == n_micro - 1):
+                loss.backward()
+            with torch.no_grad():
+                ratio, a = torch.exp(logps - gen_logps), adv[:, None]
+                clipped = ((ratio > 1 + args.clip_eps) & (a > 0)) | ((ratio < 1 - args.clip_eps) & (a < 0))  # no gradient
+                sums = {k: v + weight * x for (k, v), x in zip(sums.items(), (
+                    mean_loss.item() * b, cmask.sum().item(), entropy[cmask].sum().item(),
+                    (logps - gen_logps)[cmask].sum().item(), clipped[cmask].sum().item(),
+                    (logps - ref_logps)[cmask].sum().item()))}
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row["time_train"] = time.time() - t0
+
+        # ---- log and checkpoint ----
+        g = all_reduce(sums | {"prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
+                               "length": sum(len(s.token_ids) for grp in groups for s in grp),
+                               "adv": advantages.sum().item(), "adv_sq": advantages.square().sum().item(),
+                               "zero_std": sum(max(r) == min(r) for r in rewards)})
+        ntok, adv_mean = max(g["tokens"], 1), g["adv"] / g["rollouts"]
+        row |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"], "loss": g["loss"] / g["rollouts"],
+                "entropy": g["entropy"] / ntok, "logp_gap": g["logp_gap"] / ntok,
+                "kl": g["kl"] / ntok, "clip_frac": g["clipped"] / ntok, "frac_zero_std": g["zero_std"] / g["prompts"],
+                "adv_std": math.sqrt(max(g["adv_sq"] / g["rollouts"] - adv_mean ** 2, 0.0)),
+                "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()), "lr": scheduler.get_last_lr()[0]}
+        log_metrics(args.out, row)
+        if rank == 0:
+            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(args.out, step + 1, model, tokenizer, optimizer, scheduler)
+
+    # ---- after training: validate the final policy, save ----
+    sync_weights(sampler, full_state_dict(model))
+    val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
+    log_metrics(args.out, {"step": args.steps, "val_reward": val["reward"], "val_reward_se": val["reward_se"],
+                           "val_length": val["length"]})
+    save_checkpoint(args.out, args.steps, model, tokenizer, optimizer, scheduler)
+    # ranks must end with identical weights; a cheap fingerprint to check it
+    fingerprint = sum(p.double().sum().item() for p in full_state_dict(model).values())
+    sys.stdout.write(f"rank {rank} weights fingerprint {fingerprint:.17g}\n")  # one write: ranks' lines don't interleave
+    sys.stdout.flush()
+    for name, (s, v) in (("before", val_history[0] if val_history else (None, None)), ("after", (args.steps, val))):
+        if v is not None:
+            print0(f"val_reward {name} (step {s}): {v['reward']:.3f} +- {v['reward_se']:.3f}  (length {v['length']:.1f})")
+
+
+if __name__ == "__main__":
+    main()
