@@ -192,19 +192,20 @@ def main():
             input_ids, attn, cmask = pad_sequences([prompts[i] for i, _, _ in mb] * 2,
                                                    [c.token_ids for _, c, _ in mb] + [r.token_ids for _, _, r in mb],
                                                    tokenizer.pad_token_id, device)
-            logps, entropy = token_logps(model, input_ids, attn, cmask)
-            with torch.no_grad():
-                ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
-            seq_logps, seq_ref, lengths = logps.sum(-1), ref_logps.sum(-1), cmask.sum(-1)
-            b = len(mb)
-            losses = dpo_loss(seq_logps[:b], seq_logps[b:], seq_ref[:b], seq_ref[b:], args.beta)
-            chosen_tokens = lengths[:b].clamp(min=1)
-            losses = losses + args.nll_coef * (-seq_logps[:b] / chosen_tokens) \
-                - args.entropy_coef * (entropy[:b].sum(-1) / chosen_tokens)
-            # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks, so the
-            # gradient is that of (sum of pair losses) / (prompts in the global batch)
-            loss = weight * losses.sum() / len(batch)
+            # around the forward too: DDP decides there whether this backward all-reduces the gradients
             with grad_sync(model, m == n_micro - 1):
+                logps, entropy = token_logps(model, input_ids, attn, cmask)
+                with torch.no_grad():
+                    ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
+                seq_logps, seq_ref, lengths = logps.sum(-1), ref_logps.sum(-1), cmask.sum(-1)
+                b = len(mb)
+                losses = dpo_loss(seq_logps[:b], seq_logps[b:], seq_ref[:b], seq_ref[b:], args.beta)
+                chosen_tokens = lengths[:b].clamp(min=1)
+                losses = losses + args.nll_coef * (-seq_logps[:b] / chosen_tokens) \
+                    - args.entropy_coef * (entropy[:b].sum(-1) / chosen_tokens)
+                # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks, so the
+                # gradient is that of (sum of pair losses) / (prompts in the global batch)
+                loss = weight * losses.sum() / len(batch)
                 loss.backward()
             with torch.no_grad():
                 gen_logps = torch.zeros_like(logps)
