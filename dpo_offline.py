@@ -57,7 +57,7 @@ class Args:
     max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of phase 1's rollouts"})
     top_p: float = field(default=1.0, metadata={"help": "top-p of phase 1's rollouts"})
-    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
+    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
     adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
@@ -93,6 +93,17 @@ def make_pairs(groups, rewards, rng):
     return pairs
 
 
+def read_pairs(path):
+    """pairs.jsonl -> rows; a malformed line or a row without chosen/rejected text is named by file and line."""
+    rows = load_rows(path)  # JSON errors and a missing prompt are reported there
+    for i, x in enumerate(rows, 1):
+        if not (isinstance(x.get("chosen"), str) and isinstance(x.get("rejected"), str)):
+            raise ValueError(f"{path}:{i}: row needs 'chosen' and 'rejected' text")
+        x["prompt"] = x["problem"]
+    assert rows, f"{path}: no pairs (phase 1 found no prompt with both a correct and an incorrect response)"
+    return rows
+
+
 def row_to_pair(row, tokenizer):
     """A pairs.jsonl row -> (chosen, rejected) Samples. Phase 1's rows keep the token ids and the generator's
     log-probs; rows given as text are tokenized, EOS appended, log-probs unknown (nan; deviation 5)."""
@@ -114,6 +125,8 @@ def main():
     assert args.sampler in ("vllm", "hf", "auto"), "--sampler: vllm, hf or auto"
     assert not (args.resume and not latest_checkpoint(args.resume) and not os.path.exists(f"{args.resume}/trainer_state.pt")), \
         f"--resume {args.resume}: no checkpoint there"
+    if args.pairs:
+        read_pairs(args.pairs)  # a bad pair file fails here, before any model loads
     rank, world, device = setup_dist()
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -175,7 +188,8 @@ def main():
         gathered = [rows] * world
         if world > 1:
             dist.all_gather_object(gathered, rows)
-        g = all_reduce({"rollouts": len(flat), "reward": sum(flat), "length": sum(len(s.token_ids) for grp in groups for s in grp)})
+        g = all_reduce({"rollouts": len(flat), "reward": sum(flat),
+                        "length": sum(len(s.token_ids) for grp in groups for s in grp)})
         phase1 |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"]}
         if rank == 0:
             with open(pairs_file + ".tmp", "w") as f:
@@ -183,9 +197,7 @@ def main():
             os.replace(pairs_file + ".tmp", pairs_file)  # a killed phase 1 leaves no partial file to resume from
             print0(f"phase 1: {len(used)} prompts, {sum(map(len, gathered))} pairs, seed reward {phase1['reward']:.3f}")
         barrier()
-    data = [json.loads(l) for l in open(pairs_file) if l.strip()]
-    assert data and all(k in data[0] for k in ("prompt", "chosen", "rejected")), \
-        f"{pairs_file}: no pairs, or rows without prompt, chosen, rejected"
+    data = read_pairs(pairs_file)
     # phase 1's rows are keyed by training row, so a step takes the online scripts' prompts (those without a
     # pair skipped); the rows of a --pairs file are the prompts themselves
     by_index = dict(enumerate(data)) if args.pairs else {x["index"]: x for x in data}
@@ -223,19 +235,20 @@ def main():
             input_ids, attn, cmask = pad_sequences([prompts[i] for i, _, _ in mb] * 2,
                                                    [c.token_ids for _, c, _ in mb] + [r.token_ids for _, _, r in mb],
                                                    tokenizer.pad_token_id, device)
-            logps, entropy = token_logps(model, input_ids, attn, cmask)
-            with torch.no_grad():
-                ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
-            seq_logps, seq_ref, lengths = logps.sum(-1), ref_logps.sum(-1), cmask.sum(-1)
-            b = len(mb)
-            losses = dpo_loss(seq_logps[:b], seq_logps[b:], seq_ref[:b], seq_ref[b:], args.beta)
-            chosen_tokens = lengths[:b].clamp(min=1)
-            losses = losses + args.nll_coef * (-seq_logps[:b] / chosen_tokens) \
-                - args.entropy_coef * (entropy[:b].sum(-1) / chosen_tokens)
-            # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks, so the
-            # gradient is that of (sum of pair losses) / (prompts in the global batch)
-            loss = weight * losses.sum() / len(batch)
+            # around the forward too: DDP decides there whether this backward all-reduces the gradients
             with grad_sync(model, m == n_micro - 1):
+                logps, entropy = token_logps(model, input_ids, attn, cmask)
+                with torch.no_grad():
+                    ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
+                seq_logps, seq_ref, lengths = logps.sum(-1), ref_logps.sum(-1), cmask.sum(-1)
+                b = len(mb)
+                losses = dpo_loss(seq_logps[:b], seq_logps[b:], seq_ref[:b], seq_ref[b:], args.beta)
+                chosen_tokens = lengths[:b].clamp(min=1)
+                losses = losses + args.nll_coef * (-seq_logps[:b] / chosen_tokens) \
+                    - args.entropy_coef * (entropy[:b].sum(-1) / chosen_tokens)
+                # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks, so the
+                # gradient is that of (sum of pair losses) / (prompts in the global batch)
+                loss = weight * losses.sum() / len(batch)
                 loss.backward()
             with torch.no_grad():
                 gen_logps = torch.zeros_like(logps)

@@ -52,7 +52,7 @@ class Args:
     max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of training rollouts"})
     top_p: float = field(default=1.0, metadata={"help": "top-p of training rollouts"})
-    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
+    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
     adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
@@ -64,7 +64,7 @@ class Args:
     grpo_alpha: float = field(default=0.0, metadata={"help": "weight of the token-level GRPO term (paper: 0.01, 0.001)"})
     kl_beta: float = field(default=0.001, metadata={"help": "weight of the k3 KL to the reference inside the GRPO term"})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip of the GRPO term's importance ratio"})
-    sync: float = field(default=5, metadata={"help": "steps between generator syncs: 1 online, inf offline"})
+    sync: float = field(default=10, metadata={"help": "steps between generator syncs: 1 online, inf offline"})
     ref_sync: bool = field(default=True, metadata={"help": "refresh the reference model with the generator"})
     nll_coef: float = field(default=0.0, metadata={"help": "weight of the length-normalised NLL on chosen responses"})
     entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus on chosen responses"})
@@ -194,27 +194,28 @@ def main():
             input_ids, attn, cmask = pad_sequences([prompts[i] for i in mb for _ in range(args.n)],
                                                    [s.token_ids for i in mb for s in groups[i]],
                                                    tokenizer.pad_token_id, device)
-            logps, entropy = token_logps(model, input_ids, attn, cmask)
-            with torch.no_grad():
-                ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
-                gen_logps = torch.zeros_like(logps)
-                gen_logps[cmask] = torch.tensor([x for i in mb for s in groups[i] for x in s.logprobs], device=device)
-            seq_logps, seq_ref, lengths = logps.sum(-1), ref_logps.sum(-1), cmask.sum(-1)
-            r = torch.tensor([rewards[i] for i in mb], device=device)  # [groups, n]
-            advantages = grpo_advantages(r).flatten()
-            nll, mean_entropy = -seq_logps / lengths.clamp(min=1), entropy.sum(-1) / lengths.clamp(min=1)
-            losses = []
-            for k in range(len(mb)):  # group k: rows k*n .. (k+1)*n - 1
-                g, correct = slice(k * args.n, (k + 1) * args.n), (r[k] == 1).float()
-                group_loss = group_dpo_loss(seq_logps[g], seq_ref[g], r[k], args.beta) + args.grpo_alpha * grpo_loss(
-                    logps[g], gen_logps[g], ref_logps[g], advantages[g], cmask[g], args.kl_beta, args.clip_eps)
-                extra = correct * (args.nll_coef * nll[g] - args.entropy_coef * mean_entropy[g])
-                losses.append(group_loss + extra.sum() / correct.sum().clamp(min=1))
-            losses = torch.stack(losses)
-            # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks, so the
-            # gradient is that of (sum of group losses) / (prompts in the global batch)
-            loss = weight * losses.sum() / len(batch)
+            # around the forward too: DDP decides there whether this backward all-reduces the gradients
             with grad_sync(model, m == n_micro - 1):
+                logps, entropy = token_logps(model, input_ids, attn, cmask)
+                with torch.no_grad():
+                    ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
+                    gen_logps = torch.zeros_like(logps)
+                    gen_logps[cmask] = torch.tensor([x for i in mb for s in groups[i] for x in s.logprobs], device=device)
+                seq_logps, seq_ref, lengths = logps.sum(-1), ref_logps.sum(-1), cmask.sum(-1)
+                r = torch.tensor([rewards[i] for i in mb], device=device)  # [groups, n]
+                advantages = grpo_advantages(r).flatten()
+                nll, mean_entropy = -seq_logps / lengths.clamp(min=1), entropy.sum(-1) / lengths.clamp(min=1)
+                losses = []
+                for k in range(len(mb)):  # group k: rows k*n .. (k+1)*n - 1
+                    g, correct = slice(k * args.n, (k + 1) * args.n), (r[k] == 1).float()
+                    group_loss = group_dpo_loss(seq_logps[g], seq_ref[g], r[k], args.beta) + args.grpo_alpha * grpo_loss(
+                        logps[g], gen_logps[g], ref_logps[g], advantages[g], cmask[g], args.kl_beta, args.clip_eps)
+                    extra = correct * (args.nll_coef * nll[g] - args.entropy_coef * mean_entropy[g])
+                    losses.append(group_loss + extra.sum() / correct.sum().clamp(min=1))
+                losses = torch.stack(losses)
+                # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks, so the
+                # gradient is that of (sum of group losses) / (prompts in the global batch)
+                loss = weight * losses.sum() / len(batch)
                 loss.backward()
             with torch.no_grad():
                 log_ratio = args.beta * (seq_logps - seq_ref).view(-1, args.n)

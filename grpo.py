@@ -54,7 +54,7 @@ class Args:
     max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of training rollouts"})
     top_p: float = field(default=1.0, metadata={"help": "top-p of training rollouts"})
-    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
+    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
     adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
@@ -187,18 +187,19 @@ def main():
             weight = 1.0 if m < len(micro) else 0.0
             input_ids, attn, cmask = pad_sequences([prompts[i] for i, _, _ in mb], [s.token_ids for _, s, _ in mb],
                                                    tokenizer.pad_token_id, device)
-            logps, entropy = token_logps(model, input_ids, attn, cmask)
-            with torch.no_grad():
-                ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
-                gen_logps = torch.zeros_like(logps)  # the importance ratio's denominator (deviation 4)
-                gen_logps[cmask] = torch.tensor([x for _, s, _ in mb for x in s.logprobs], device=device)
-            adv, b = torch.tensor([a for _, _, a in mb], device=device), len(mb)
-            mean_loss = grpo_loss(logps, gen_logps, ref_logps, adv, cmask, args.kl_beta, args.clip_eps) \
-                - args.entropy_coef * (entropy.sum(-1) / cmask.sum(-1).clamp(min=1)).mean()
-            # normaliser: this rank's responses; DDP averages over ranks, so the gradient is that of
-            # (sum of per-response losses) / (responses in the global batch)
-            loss = weight * mean_loss * b / len(rollouts)
+            # around the forward too: DDP decides there whether this backward all-reduces the gradients
             with grad_sync(model, m == n_micro - 1):
+                logps, entropy = token_logps(model, input_ids, attn, cmask)
+                with torch.no_grad():
+                    ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
+                    gen_logps = torch.zeros_like(logps)  # the importance ratio's denominator (deviation 4)
+                    gen_logps[cmask] = torch.tensor([x for _, s, _ in mb for x in s.logprobs], device=device)
+                adv, b = torch.tensor([a for _, _, a in mb], device=device), len(mb)
+                mean_loss = grpo_loss(logps, gen_logps, ref_logps, adv, cmask, args.kl_beta, args.clip_eps) \
+                    - args.entropy_coef * (entropy.sum(-1) / cmask.sum(-1).clamp(min=1)).mean()
+                # normaliser: this rank's responses; DDP averages over ranks, so the gradient is that of
+                # (sum of per-response losses) / (responses in the global batch)
+                loss = weight * mean_loss * b / len(rollouts)
                 loss.backward()
             with torch.no_grad():
                 ratio, a = torch.exp(logps - gen_logps), adv[:, None]
