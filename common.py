@@ -417,6 +417,88 @@ def math_rewards(responses, answers, num_workers=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# Reward models (non-verifiable prompts) and mixed batches
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class RewardModel:
+    model: torch.nn.Module
+    tokenizer: object
+    cls_token_id: int | None  # appended to every input, the score read there (Athene-RM-8B's convention)
+    max_length: int
+
+
+def load_reward_model(path, device, max_length=4096, trust_remote_code=False):
+    """Any transformers sequence-classification reward model (one score, `num_labels=1`). A configuration that
+    names an Athene architecture (Athene-RM-8B: a Llama with a `v_head`, PAPER.md section 5) or sets
+    `cls_token_id` gets the CLS convention; Athene's `v_head` is loaded as the classification head."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    athene = any("Athene" in a for a in config.architectures or [])
+    cls = getattr(config, "cls_token_id", None) or (128003 if athene else None)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        trust_remote_code=trust_remote_code, key_mapping={r"^v_head\.": "score."} if athene else None)
+    return RewardModel(model.to(device).eval().requires_grad_(False), load_tokenizer(path, trust_remote_code), cls,
+                       max_length)
+
+
+@torch.no_grad()
+def rm_scores(rm, prompts, responses, batch_size=8):
+    """Score of each (prompt, response): chat-templated [user, assistant] (or prompt + response as text when
+    the tokenizer has no template), truncated to max_length, + CLS when the model uses one; a decoder's head
+    is read at the last real token (the CLS), an encoder uses its own pooling."""
+    tok, model, cls = rm.tokenizer, rm.model, rm.cls_token_id
+    seqs = []
+    for p, r in zip(prompts, responses):
+        ids = list(tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                           tokenize=True, return_dict=False)) if tok.chat_template \
+            else tok(PLAIN_TEMPLATE.format(problem=p) + r)["input_ids"]
+        seqs.append(ids[:rm.max_length - (cls is not None)] + ([cls] if cls is not None else []))
+    device, scores = next(model.parameters()).device, []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in chunk], device=device)
+        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+        if hasattr(model, "score"):  # right padding: the last real token is at attention_mask.sum() - 1
+            hidden = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
+            logits = model.score(hidden[torch.arange(len(chunk), device=device), attn.sum(-1) - 1])
+        else:
+            logits = model(input_ids=ids, attention_mask=attn).logits
+        scores += logits[:, 0].float().tolist()
+    return scores
+
+
+def score_responses(rows, responses, rm=None):
+    """Reward of each response, rows[k] being response k's data row: Math-Verify (0/1) when the row has an
+    `answer`, the reward model otherwise, so a mixed batch (paper Table 3) scores each sample by its own reward."""
+    rewards = [0.0] * len(rows)
+    for task, idx in (("math", [k for k, r in enumerate(rows) if r.get("answer") is not None]),
+                      ("rm", [k for k, r in enumerate(rows) if r.get("answer") is None])):
+        if not idx:
+            continue
+        assert task == "math" or rm is not None, "rows without an 'answer' need --reward_model"
+        scores = math_rewards([responses[k] for k in idx], [rows[k]["answer"] for k in idx]) if task == "math" \
+            else rm_scores(rm, [rows[k]["problem"] for k in idx], [responses[k] for k in idx])
+        for k, x in zip(idx, scores):
+            rewards[k] = x
+    return rewards
+
+
+def task_sums(rows, rewards):
+    """Per-task sums of a mixed batch, to all_reduce and then divide with task_means."""
+    m = [x for r, x in zip(rows, rewards) if r.get("answer") is not None]
+    o = [x for r, x in zip(rows, rewards) if r.get("answer") is None]
+    return {"reward_math": sum(m), "n_math": len(m), "reward_rm": sum(o), "n_rm": len(o)}
+
+
+def task_means(g):
+    """reward_math and reward_rm from all-reduced task_sums, for the tasks present in the batch."""
+    return {k: g[k] / g[n] for k, n in (("reward_math", "n_math"), ("reward_rm", "n_rm")) if g[n]}
+
+
+# ------------------------------------------------------------------------------------------------
 # Data and prompts
 # ------------------------------------------------------------------------------------------------
 
@@ -467,14 +549,18 @@ MATH_TEMPLATE = ("Given the following problem, reason and give a final answer to
 FEWSHOT_TEMPLATE = "".join(f"Problem: What is {q}?\nSolution: {q} = {a}. The final answer is $\\boxed{{{{{a}}}}}$. "
                            "I hope it is correct.\n\n" for q, a in (("2 * 9", 18), ("15 + 7", 22), ("6 * 5", 30))) \
     + "Problem: {problem}\nSolution:"
+PLAIN_TEMPLATE = "User: {problem}\nAssistant:"  # non-verifiable prompts, base models
 
 
-def build_prompt(tokenizer, problem):
-    """Token ids of the prompt for one problem."""
+def build_prompt(tokenizer, row):
+    """Token ids of the prompt for one data row: a row with an `answer` gets the math prompt, one without (a
+    non-verifiable instruction, scored by a reward model) is sent as it is."""
+    math_row = row.get("answer") is not None
     if tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": MATH_TEMPLATE.format(problem=problem)}],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=False))
-    ids = tokenizer(FEWSHOT_TEMPLATE.format(problem=problem))["input_ids"]
+        content = MATH_TEMPLATE.format(problem=row["problem"]) if math_row else row["problem"]
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    ids = tokenizer((FEWSHOT_TEMPLATE if math_row else PLAIN_TEMPLATE).format(problem=row["problem"]))["input_ids"]
     bos = tokenizer.bos_token_id  # some tokenizers (Gemma's from GGUF) do not add it; models trained with it need it
     return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
 

@@ -37,18 +37,22 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from common import (Sample, all_reduce, arithmetic_task, barrier, build_prompt, default_model_path, dpo_loss,
-                    full_state_dict, generate, grad_sync, latest_checkpoint, load_checkpoint, load_model, load_rows,
-                    load_tokenizer, log_metrics, make_optimizer, make_sampler, math_rewards, pad_sequences, print0,
-                    save_checkpoint, setup_dist, step_batch, stop_token_ids, sync_weights, token_logps, wrap_model)
+                    full_state_dict, generate, grad_sync, latest_checkpoint, load_checkpoint, load_model,
+                    load_reward_model, load_rows, load_tokenizer, log_metrics, make_optimizer, make_sampler,
+                    pad_sequences, print0, save_checkpoint, score_responses, setup_dist, step_batch, stop_token_ids,
+                    sync_weights, task_means, task_sums, token_logps, wrap_model)
 from eval import evaluate
 
 
 @dataclass
 class Args:
     model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M"})
-    data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic"})
+    data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic; "
+                                            "rows without an answer are scored by --reward_model"})
     val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
     pairs: str = field(default="", metadata={"help": "JSONL {prompt, chosen, rejected} (text) to train on; skips phase 1"})
+    reward_model: str = field(default="", metadata={"help": "sequence-classification reward model (folder or hub id) "
+                                                    "for rows without an 'answer'"})
     val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)"})
     steps: int = field(default=30, metadata={"help": "optimizer steps"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)"})
@@ -139,13 +143,15 @@ def main():
     val_rows = load_rows(args.val_data, split="test") if args.val_data else val_rows
     val_rows = val_rows[:args.val_size or None]
     for name, rows in (("--data", train_rows), ("--val_data", val_rows)):
-        assert all(r.get("answer") is not None for r in rows), f"{name}: every row needs an 'answer' for the math reward"
+        assert args.reward_model or all(r.get("answer") is not None for r in rows), \
+            f"{name}: rows without an 'answer' need --reward_model"
     policy = load_model(model_path, device, args.trust_remote_code)
     policy.requires_grad_(True)
     ref = load_model(model_path, device, args.trust_remote_code).eval().requires_grad_(False)
+    rm = load_reward_model(args.reward_model, device, trust_remote_code=args.trust_remote_code) if args.reward_model else None
     stops = stop_token_ids(tokenizer)
     sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank, stops,
-                           max_model_len=max(len(build_prompt(tokenizer, r["problem"])) for r in train_rows + val_rows)
+                           max_model_len=max(len(build_prompt(tokenizer, r)) for r in train_rows + val_rows)
                            + args.max_new_tokens, vllm_memory=args.vllm_memory, vllm_tp=args.vllm_tp,
                            trust_remote_code=args.trust_remote_code)
     model = wrap_model(policy, device, args.fsdp)
@@ -162,7 +168,7 @@ def main():
             rows = [json.loads(l) for l in open(f"{args.out}/metrics.jsonl")]
             with open(f"{args.out}/metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < start)
-    val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, rm=rm)
     val_history = []
 
     # ---- phase 1: n responses per prompt from the seed model, once; score; pair; write <out>/pairs.jsonl ----
@@ -172,25 +178,26 @@ def main():
         used = sorted({i for s in range(args.steps) for i in step_batch(len(train_rows), s, args.prompts_per_step, args.seed)})
         mine, groups, chunk = used[rank::world], [], 256
         for c in tqdm(range(0, len(mine), chunk), disable=rank != 0, desc="phase 1: sample the seed model"):
-            groups += generate(sampler, [build_prompt(tokenizer, train_rows[i]["problem"]) for i in mine[c:c + chunk]],
+            groups += generate(sampler, [build_prompt(tokenizer, train_rows[i]) for i in mine[c:c + chunk]],
                                args.n, args.temperature, args.top_p, args.max_new_tokens,
                                seed=args.seed * 100003 + c * world + rank)
         phase1["time_gen"] = time.time() - t0
         t0 = time.time()
-        flat = math_rewards([s.text for g in groups for s in g], [train_rows[i]["answer"] for i in mine for _ in range(args.n)])
+        flat = score_responses([train_rows[i] for i in mine for _ in range(args.n)], [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
         phase1["time_reward"] = time.time() - t0
         pairs = make_pairs(groups, rewards, random.Random(f"{args.seed}-{rank}"))
-        rows = [{"index": mine[k], "prompt": train_rows[mine[k]]["problem"], "chosen": c.text, "rejected": r.text,
+        rows = [{"index": mine[k], "prompt": train_rows[mine[k]]["problem"], "answer": train_rows[mine[k]].get("answer"),
+                 "chosen": c.text, "rejected": r.text,
                  "chosen_reward": max(rewards[k]), "rejected_reward": min(rewards[k]), "chosen_token_ids": c.token_ids,
                  "rejected_token_ids": r.token_ids, "chosen_logprobs": c.logprobs, "rejected_logprobs": r.logprobs}
                 for k, c, r in pairs]
         gathered = [rows] * world
         if world > 1:
             dist.all_gather_object(gathered, rows)
-        g = all_reduce({"rollouts": len(flat), "reward": sum(flat),
-                        "length": sum(len(s.token_ids) for grp in groups for s in grp)})
-        phase1 |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"]}
+        g = all_reduce(task_sums([train_rows[i] for i in mine for _ in range(args.n)], flat) | {
+            "rollouts": len(flat), "reward": sum(flat), "length": sum(len(s.token_ids) for grp in groups for s in grp)})
+        phase1 |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"]} | task_means(g)
         if rank == 0:
             with open(pairs_file + ".tmp", "w") as f:
                 f.writelines(json.dumps(x) + "\n" for part in gathered for x in part)
@@ -217,7 +224,7 @@ def main():
         # ---- 2-4. this step's prompts and their pairs, from the fixed dataset: nothing is sampled ----
         batch = step_batch(num_prompts, step, args.prompts_per_step, args.seed)[rank::world]
         step_rows = [by_index.get(i, data[0]) for i in batch]  # a prompt without a pair: a placeholder, never trained
-        prompts = [build_prompt(tokenizer, x["prompt"]) for x in step_rows]
+        prompts = [build_prompt(tokenizer, x) for x in step_rows]
         pairs = [(k, *row_to_pair(x, tokenizer)) for k, (i, x) in enumerate(zip(batch, step_rows)) if i in by_index]
 
         # ---- 5. train: one optimizer step on all pairs of the global batch ----

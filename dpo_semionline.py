@@ -27,18 +27,22 @@ import torch
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from common import (all_reduce, arithmetic_task, build_prompt, copy_weights, default_model_path, dpo_loss, full_state_dict,
-                    generate, grad_sync, latest_checkpoint, load_checkpoint, load_model, load_rows, load_tokenizer,
-                    log_metrics, make_optimizer, make_sampler, math_rewards, pad_sequences, print0, save_checkpoint,
-                    setup_dist, step_batch, stop_token_ids, sync_weights, token_logps, unwrap, wrap_model)
+from common import (all_reduce, arithmetic_task, build_prompt, copy_weights, default_model_path, dpo_loss,
+                    full_state_dict, generate, grad_sync, latest_checkpoint, load_checkpoint, load_model,
+                    load_reward_model, load_rows, load_tokenizer, log_metrics, make_optimizer, make_sampler,
+                    pad_sequences, print0, save_checkpoint, score_responses, setup_dist, step_batch, stop_token_ids,
+                    sync_weights, task_means, task_sums, token_logps, unwrap, wrap_model)
 from eval import evaluate
 
 
 @dataclass
 class Args:
     model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M"})
-    data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic"})
+    data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic; "
+                                            "rows without an answer are scored by --reward_model"})
     val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
+    reward_model: str = field(default="", metadata={"help": "sequence-classification reward model (folder or hub id) "
+                                                    "for rows without an 'answer'"})
     val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)"})
     steps: int = field(default=30, metadata={"help": "optimizer steps"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)"})
@@ -107,13 +111,15 @@ def main():
     val_rows = load_rows(args.val_data, split="test") if args.val_data else val_rows
     val_rows = val_rows[:args.val_size or None]
     for name, rows in (("--data", train_rows), ("--val_data", val_rows)):
-        assert all(r.get("answer") is not None for r in rows), f"{name}: every row needs an 'answer' for the math reward"
+        assert args.reward_model or all(r.get("answer") is not None for r in rows), \
+            f"{name}: rows without an 'answer' need --reward_model"
     policy = load_model(model_path, device, args.trust_remote_code)
     policy.requires_grad_(True)
     ref = load_model(model_path, device, args.trust_remote_code).eval().requires_grad_(False)
+    rm = load_reward_model(args.reward_model, device, trust_remote_code=args.trust_remote_code) if args.reward_model else None
     stops = stop_token_ids(tokenizer)
     sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank, stops,
-                           max_model_len=max(len(build_prompt(tokenizer, r["problem"])) for r in train_rows + val_rows)
+                           max_model_len=max(len(build_prompt(tokenizer, r)) for r in train_rows + val_rows)
                            + args.max_new_tokens, vllm_memory=args.vllm_memory, vllm_tp=args.vllm_tp,
                            trust_remote_code=args.trust_remote_code)
     model = wrap_model(policy, device, args.fsdp)
@@ -132,7 +138,7 @@ def main():
             rows = [json.loads(l) for l in open(f"{args.out}/metrics.jsonl")]
             with open(f"{args.out}/metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < start)
-    val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, rm=rm)
     keep_gen_state = args.val_every and args.val_every % args.sync != 0  # deviation 2 needs the stale weights
     gen_state, val_history = None, []
 
@@ -163,14 +169,14 @@ def main():
         t0 = time.time()
         batch = [train_rows[i] for i in step_batch(len(train_rows), step, args.prompts_per_step, args.seed)]
         batch = batch[rank::world]
-        prompts = [build_prompt(tokenizer, r["problem"]) for r in batch]
+        prompts = [build_prompt(tokenizer, r) for r in batch]
         groups = generate(sampler, prompts, args.n, args.temperature, args.top_p, args.max_new_tokens,
                           seed=args.seed * 100003 + step * world + rank)
         row["time_gen"] = time.time() - t0
 
         # ---- 3. score with Math-Verify ----
         t0 = time.time()
-        flat = math_rewards([s.text for g in groups for s in g], [r["answer"] for r in batch for _ in range(args.n)])
+        flat = score_responses([r for r in batch for _ in range(args.n)], [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
         row["time_reward"] = time.time() - t0
 
@@ -223,14 +229,16 @@ def main():
         row["time_train"] = time.time() - t0
 
         # ---- log and checkpoint ----
-        g = all_reduce(sums | {"prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
-                               "length": sum(len(s.token_ids) for grp in groups for s in grp)})
+        g = all_reduce(sums | task_sums([r for r in batch for _ in range(args.n)], flat) | {
+            "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
+            "length": sum(len(s.token_ids) for grp in groups for s in grp)})
         npairs, ntok = max(g["pairs"], 1), max(g["tokens"], 1)
         row |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"], "loss": g["loss"] / g["prompts"],
                 "pairs": int(g["pairs"]), "entropy": g["entropy"] / ntok, "logp_gap": g["logp_gap"] / ntok,
                 "kl": g["kl"] / ntok, "margin": g["margin"] / npairs, "pair_acc": g["acc"] / npairs,
                 "chosen_length": g["chosen_length"] / npairs, "rejected_length": g["rejected_length"] / npairs,
                 "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()), "lr": scheduler.get_last_lr()[0]}
+        row |= task_means(g)  # per task in a mixed batch: reward_math, reward_rm
         log_metrics(args.out, row)
         if rank == 0:
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
