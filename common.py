@@ -530,6 +530,19 @@ def load_rows(path, split="train"):
     return rows
 
 
+def wildchat_prompts(path, n=1000, seed=0, pool=100_000):
+    """Writes n first-turn WildChat-1M prompts (English, not flagged toxic, not redacted) as JSONL {prompt}
+    rows: the paper's non-verifiable training prompts (section 5). Needs `datasets` and hub access; it
+    samples from the first `pool` conversations, streamed."""
+    import datasets
+    rows = datasets.load_dataset("allenai/WildChat-1M", split="train", streaming=True).take(pool)
+    prompts = [r["conversation"][0]["content"] for r in rows if r["language"] == "English" and not r["toxic"]
+               and not r["redacted"] and r["conversation"][0]["role"] == "user"]
+    prompts = random.Random(seed).sample(sorted(set(prompts)), n)
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+
+
 def arithmetic_task(seed, n_val=100):
     """The embedded default task: synthetic verifiable arithmetic `a * b` with a one-digit and b up to 19,
     both orders. Gemma-3-270M is right on about a third of its samples at T=1 (most one-digit products,

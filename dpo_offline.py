@@ -5,7 +5,7 @@ DPO loss eq. 3, offline regime: the generator is never synced, which is the same
 pairs once beforehand; this script does that explicitly. The reference stays the seed model.
 
 Phase 1: sample n responses from the seed model for every training prompt the run will visit
-(steps x prompts_per_step of them, or all), score them with Math-Verify, pair a random correct
+(steps x prompts_per_step of them, or all), score them (Math-Verify, or --reward_model), pair a random correct
 response with a random incorrect one, write <out>/pairs.jsonl. Phase 2, each step: take the prompts
 the online scripts take at that step, their pairs (a prompt without one is skipped, and counted in
 the normaliser, as online), one AdamW step. `--pairs file.jsonl` skips phase 1: a plain DPO trainer

@@ -5,7 +5,7 @@ DPO loss eq. 3. s = 1 is online DPO, s = 5..100 semi-online, `--sync inf` offlin
 (responses always come from the seed model).
 
 Each step: (1) every s steps copy the trainer's weights into the generator (and, with --ref_sync,
-into the reference model); (2) sample n responses per prompt; (3) score them with Math-Verify;
+into the reference model); (2) sample n responses per prompt; (3) score them (Math-Verify, or --reward_model);
 (4) pair a random correct response with a random incorrect one; (5) one AdamW step.
 
 Deliberate deviations from the paper and the authors' code:
@@ -174,7 +174,7 @@ def main():
                           seed=args.seed * 100003 + step * world + rank)
         row["time_gen"] = time.time() - t0
 
-        # ---- 3. score with Math-Verify ----
+        # ---- 3. score: Math-Verify for rows with an answer, the reward model for the others ----
         t0 = time.time()
         flat = score_responses([r for r in batch for _ in range(args.n)], [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]

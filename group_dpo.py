@@ -5,7 +5,7 @@ Paper: "Bridging Offline and Online Reinforcement Learning for LLMs" (arXiv 2506
 The generator is synced every `--sync s` steps as in dpo_semionline.py: s = 1 online, inf offline.
 
 Each step: (1) every s steps copy the trainer's weights into the generator (and, with --ref_sync,
-into the reference model); (2) sample n responses per prompt; (3) score them with Math-Verify;
+into the reference model); (2) sample n responses per prompt; (3) score them (Math-Verify, or --reward_model);
 (4) keep the prompts with both a correct and an incorrect response; (5) one AdamW step on the
 GroupDPO loss of each kept prompt (+ alpha x its GRPO loss), summed and divided by all prompts.
 
@@ -178,7 +178,7 @@ def main():
                           seed=args.seed * 100003 + step * world + rank)
         row["time_gen"] = time.time() - t0
 
-        # ---- 3. score with Math-Verify ----
+        # ---- 3. score: Math-Verify for rows with an answer, the reward model for the others ----
         t0 = time.time()
         flat = score_responses([r for r in batch for _ in range(args.n)], [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]

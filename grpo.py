@@ -5,7 +5,7 @@ baseline, run online (s = 1) as in the paper; `--sync s` > 1 gives semi-online G
 names as future work. N = 8 responses per prompt, KL coefficient 0.001, reference fixed.
 
 Each step: (1) every s steps copy the trainer's weights into the generator (and, with --ref_sync,
-into the reference model); (2) sample n responses per prompt; (3) score them with Math-Verify;
+into the reference model); (2) sample n responses per prompt; (3) score them (Math-Verify, or --reward_model);
 (4) advantages (r - mean) / (std + 1e-6) over each prompt's group; (5) one AdamW step on the
 token-level loss, summed over each response and averaged over all responses of the global batch.
 
@@ -170,7 +170,7 @@ def main():
                           seed=args.seed * 100003 + step * world + rank)
         row["time_gen"] = time.time() - t0
 
-        # ---- 3. score with Math-Verify ----
+        # ---- 3. score: Math-Verify for rows with an answer, the reward model for the others ----
         t0 = time.time()
         flat = score_responses([r for r in batch for _ in range(args.n)], [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
