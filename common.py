@@ -458,9 +458,7 @@ def rm_scores(rm, prompts, responses, batch_size=8):
     device, scores = next(model.parameters()).device, []
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in chunk], device=device)
-        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+        ids, attn, _ = pad_sequences(chunk, [[] for _ in chunk], 0, device)
         if hasattr(model, "score"):  # right padding: the last real token is at attention_mask.sum() - 1
             hidden = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
             logits = model.score(hidden[torch.arange(len(chunk), device=device), attn.sum(-1) - 1])
@@ -528,19 +526,6 @@ def load_rows(path, split="train"):
         if r.get("answer") is not None:
             r["answer"] = str(r["answer"])
     return rows
-
-
-def wildchat_prompts(path, n=1000, seed=0, pool=100_000):
-    """Writes n first-turn WildChat-1M prompts (English, not flagged toxic, not redacted) as JSONL {prompt}
-    rows: the paper's non-verifiable training prompts (section 5). Needs `datasets` and hub access; it
-    samples from the first `pool` conversations, streamed."""
-    import datasets
-    rows = datasets.load_dataset("allenai/WildChat-1M", split="train", streaming=True).take(pool)
-    prompts = [r["conversation"][0]["content"] for r in rows if r["language"] == "English" and not r["toxic"]
-               and not r["redacted"] and r["conversation"][0]["role"] == "user"]
-    prompts = random.Random(seed).sample(sorted(set(prompts)), n)
-    with open(path, "w") as f:
-        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
 
 
 def arithmetic_task(seed, n_val=100):
@@ -636,18 +621,29 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler):
     barrier()
 
 
-def latest_checkpoint(out):
-    done = sorted(p for p in glob.glob(os.path.join(out, "step_*")) if os.path.exists(os.path.join(p, "trainer_state.pt"))
+def checkpoints(out):
+    """The finished step_N folders of a run, oldest first (a killed save leaves .tmp / .old, no trainer_state)."""
+    return sorted(p for p in glob.glob(os.path.join(out, "step_*")) if os.path.exists(os.path.join(p, "trainer_state.pt"))
                   and not p.endswith((".tmp", ".old")))
+
+
+def latest_checkpoint(out):
+    done = checkpoints(out)
     return done[-1] if done else None
 
 
-def load_checkpoint(path, model, optimizer, scheduler):
-    """Restores weights, optimizer, scheduler and RNG from a save_checkpoint folder; returns its step."""
+def load_weights(path):
+    """A save_pretrained folder's tensors, as saved (all safetensors shards)."""
     from safetensors.torch import load_file
     weights = {}
     for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         weights.update(load_file(f))
+    return weights
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    """Restores weights, optimizer, scheduler and RNG from a save_checkpoint folder; returns its step."""
+    weights = load_weights(path)
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     if type(model).__name__.startswith("FSDP"):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict

@@ -129,8 +129,7 @@ def main():
     assert args.sampler in ("vllm", "hf", "auto"), "--sampler: vllm, hf or auto"
     assert not (args.resume and not latest_checkpoint(args.resume) and not os.path.exists(f"{args.resume}/trainer_state.pt")), \
         f"--resume {args.resume}: no checkpoint there"
-    if args.pairs:
-        read_pairs(args.pairs)  # a bad pair file fails here, before any model loads
+    data = read_pairs(args.pairs) if args.pairs else None  # a bad pair file fails here, before any model loads
     rank, world, device = setup_dist()
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -183,7 +182,8 @@ def main():
                                seed=args.seed * 100003 + c * world + rank)
         phase1["time_gen"] = time.time() - t0
         t0 = time.time()
-        flat = score_responses([train_rows[i] for i in mine for _ in range(args.n)], [s.text for g in groups for s in g], rm)
+        rows_n = [train_rows[i] for i in mine for _ in range(args.n)]  # each response's data row
+        flat = score_responses(rows_n, [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
         phase1["time_reward"] = time.time() - t0
         pairs = make_pairs(groups, rewards, random.Random(f"{args.seed}-{rank}"))
@@ -195,7 +195,7 @@ def main():
         gathered = [rows] * world
         if world > 1:
             dist.all_gather_object(gathered, rows)
-        g = all_reduce(task_sums([train_rows[i] for i in mine for _ in range(args.n)], flat) | {
+        g = all_reduce(task_sums(rows_n, flat) | {
             "rollouts": len(flat), "reward": sum(flat), "length": sum(len(s.token_ids) for grp in groups for s in grp)})
         phase1 |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"]} | task_means(g)
         if rank == 0:
@@ -204,7 +204,7 @@ def main():
             os.replace(pairs_file + ".tmp", pairs_file)  # a killed phase 1 leaves no partial file to resume from
             print0(f"phase 1: {len(used)} prompts, {sum(map(len, gathered))} pairs, seed reward {phase1['reward']:.3f}")
         barrier()
-    data = read_pairs(pairs_file)
+    data = data or read_pairs(pairs_file)
     # phase 1's rows are keyed by training row, so a step takes the online scripts' prompts (those without a
     # pair skipped); the rows of a --pairs file are the prompts themselves
     by_index = dict(enumerate(data)) if args.pairs else {x["index"]: x for x in data}

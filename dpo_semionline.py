@@ -31,7 +31,7 @@ from common import (all_reduce, arithmetic_task, build_prompt, copy_weights, def
                     full_state_dict, generate, grad_sync, latest_checkpoint, load_checkpoint, load_model,
                     load_reward_model, load_rows, load_tokenizer, log_metrics, make_optimizer, make_sampler,
                     pad_sequences, print0, save_checkpoint, score_responses, setup_dist, step_batch, stop_token_ids,
-                    sync_weights, task_means, task_sums, token_logps, unwrap, wrap_model)
+                    sync_weights, task_means, task_sums, token_logps, wrap_model)
 from eval import evaluate
 
 
@@ -176,7 +176,8 @@ def main():
 
         # ---- 3. score: Math-Verify for rows with an answer, the reward model for the others ----
         t0 = time.time()
-        flat = score_responses([r for r in batch for _ in range(args.n)], [s.text for g in groups for s in g], rm)
+        rows_n = [r for r in batch for _ in range(args.n)]  # each response's data row
+        flat = score_responses(rows_n, [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
         row["time_reward"] = time.time() - t0
 
@@ -229,7 +230,7 @@ def main():
         row["time_train"] = time.time() - t0
 
         # ---- log and checkpoint ----
-        g = all_reduce(sums | task_sums([r for r in batch for _ in range(args.n)], flat) | {
+        g = all_reduce(sums | task_sums(rows_n, flat) | {
             "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
             "length": sum(len(s.token_ids) for grp in groups for s in grp)})
         npairs, ntok = max(g["pairs"], 1), max(g["tokens"], 1)

@@ -23,15 +23,15 @@ Deliberate deviations from the paper:
      rules or its shuffle; ours are in `numina_splits`, so our 1,980 test problems are not the paper's.
   3. Models without a chat template get the few-shot math prompt (common.build_prompt), as in training.
 """
-import glob, json, math, os, random, re, sys, time
+import json, math, os, random, re, sys, time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch.distributed as dist
 
-from common import (arithmetic_task, build_prompt, default_model_path, generate, load_reward_model, load_rows,
-                    load_tokenizer, make_sampler, print0, rm_scores, score_responses, setup_dist, stop_token_ids,
-                    sync_weights)
+from common import (arithmetic_task, build_prompt, checkpoints, default_model_path, generate, load_reward_model,
+                    load_rows, load_tokenizer, load_weights, make_sampler, print0, rm_scores, score_responses, setup_dist,
+                    stop_token_ids, sync_weights)
 
 
 def evaluate(sampler, tokenizer, rows, samples=1, temperature=0.6, top_p=0.9, max_new_tokens=1024, seed=0, rm=None):
@@ -147,6 +147,19 @@ def numina_splits(rows, seed=0):
     return kept[2 * n:], kept[:n], kept[n:2 * n]
 
 
+def wildchat_prompts(path, n=1000, seed=0, pool=100_000):
+    """Writes n first-turn WildChat-1M prompts (English, not flagged toxic, not redacted) as JSONL {prompt}
+    rows: the paper's non-verifiable training prompts (section 5). Needs `datasets` and hub access; it
+    samples from the first `pool` conversations, streamed."""
+    import datasets  # only needed here
+    rows = datasets.load_dataset("allenai/WildChat-1M", split="train", streaming=True).take(pool)
+    prompts = [r["conversation"][0]["content"] for r in rows if r["language"] == "English" and not r["toxic"]
+               and not r["redacted"] and r["conversation"][0]["role"] == "user"]
+    prompts = random.Random(seed).sample(sorted(set(prompts)), n)
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+
+
 def load_benchmark(spec, data_dir, limit):
     """`name` or `name=path.jsonl` -> rows: the explicit path, else <data_dir>/<local file>, else the hub."""
     name, _, path = spec.partition("=")
@@ -232,24 +245,13 @@ def model_name(path):
     return "_".join(parts[-2:]) if parts[-1].startswith("step_") and len(parts) > 1 else parts[-1]
 
 
-def checkpoint_weights(path):
-    """A save_pretrained folder's weights as saved (bf16 stays bf16: half of load_model's fp32 on CPU)."""
-    from safetensors.torch import load_file
-    state = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        state.update(load_file(f))
-    return state
-
-
 def select(args, rank, device):
     """PAPER.md section 6: the checkpoint with the highest mean validation reward / mean validation response
     length. Uses the validation the run logged at that step, else validates the checkpoint now exactly as the
     training scripts do (their val set, n=1, T=0.6, top-p 0.9, their max_new_tokens and seed)."""
     run = args.select
     run_args = json.load(open(os.path.join(run, "args.json")))
-    # finished checkpoints only (common.latest_checkpoint's rule): a killed save leaves .tmp without trainer_state
-    ckpts = sorted(p for p in glob.glob(os.path.join(run, "step_*"))
-                   if os.path.exists(os.path.join(p, "trainer_state.pt")) and not p.endswith((".tmp", ".old")))
+    ckpts = checkpoints(run)
     assert ckpts, f"--select {run}: no step_NNNNNN checkpoint there"
     logged = {}
     if os.path.exists(os.path.join(run, "metrics.jsonl")):
@@ -273,7 +275,7 @@ def select(args, rank, device):
                                        stop_token_ids(tokenizer), max(len(build_prompt(tokenizer, r)) for r in val_rows)
                                        + run_args["max_new_tokens"], args.vllm_memory, args.vllm_tp,
                                        args.trust_remote_code)
-            sync_weights(sampler, checkpoint_weights(path))
+            sync_weights(sampler, load_weights(path))
             val = evaluate(sampler, tokenizer, val_rows, max_new_tokens=run_args["max_new_tokens"],
                            seed=run_args["seed"], rm=rm)
             logged[step] = (val["reward"], val["length"])

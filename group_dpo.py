@@ -89,7 +89,8 @@ def group_labels(rewards):
     """Eq. 4's sets: correct (label 1) and incorrect (label 0). Math rewards are 0/1 already; reward-model
     scores are split at the group's mean (above 1, below 0, at it 0.5: in neither set). Returns the labels
     and the indices of the prompts that have both sets; the others are skipped this step."""
-    labels = [[1.0 if x > sum(r) / len(r) else 0.0 if x < sum(r) / len(r) else 0.5 for x in r] for r in rewards]
+    means = [sum(r) / len(r) for r in rewards]
+    labels = [[1.0 if x > m else 0.0 if x < m else 0.5 for x in r] for r, m in zip(rewards, means)]
     return labels, [i for i, l in enumerate(labels) if 1 in l and 0 in l]
 
 
@@ -180,7 +181,8 @@ def main():
 
         # ---- 3. score: Math-Verify for rows with an answer, the reward model for the others ----
         t0 = time.time()
-        flat = score_responses([r for r in batch for _ in range(args.n)], [s.text for g in groups for s in g], rm)
+        rows_n = [r for r in batch for _ in range(args.n)]  # each response's data row
+        flat = score_responses(rows_n, [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
         row["time_reward"] = time.time() - t0
 
@@ -242,7 +244,7 @@ def main():
         row["time_train"] = time.time() - t0
 
         # ---- log and checkpoint ----
-        g = all_reduce(sums | task_sums([r for r in batch for _ in range(args.n)], flat) | {
+        g = all_reduce(sums | task_sums(rows_n, flat) | {
             "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
             "length": sum(len(s.token_ids) for grp in groups for s in grp)})
         npairs, ntok = max(g["pairs"], 1), max(g["tokens"], 1)

@@ -172,7 +172,8 @@ def main():
 
         # ---- 3. score: Math-Verify for rows with an answer, the reward model for the others ----
         t0 = time.time()
-        flat = score_responses([r for r in batch for _ in range(args.n)], [s.text for g in groups for s in g], rm)
+        rows_n = [r for r in batch for _ in range(args.n)]  # each response's data row
+        flat = score_responses(rows_n, [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
         row["time_reward"] = time.time() - t0
 
@@ -221,7 +222,7 @@ def main():
         row["time_train"] = time.time() - t0
 
         # ---- log and checkpoint ----
-        g = all_reduce(sums | task_sums([r for r in batch for _ in range(args.n)], flat) | {
+        g = all_reduce(sums | task_sums(rows_n, flat) | {
             "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
             "length": sum(len(s.token_ids) for grp in groups for s in grp),
             "adv": advantages.sum().item(), "adv_sq": advantages.square().sum().item(),
