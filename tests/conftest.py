@@ -18,7 +18,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 def build_tiny_model(path, steps=300, seed=0):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from common import FEWSHOT_TEMPLATE, arithmetic_task
+    from eval import FEWSHOT_TEMPLATE, arithmetic_task
     rng = random.Random(seed)
     train, _ = arithmetic_task(seed)
     def example(row):

@@ -74,7 +74,7 @@ def test_torchrun_two_processes(tiny_model, tmp_path, wrap):
     out = str(tmp_path / "run")
     small = ["--num_responses" if a == "--n" else a for a in SMALL]  # torchrun would take --n for itself
     p = run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 3, "--out", out, *small,
-                   "--micro_batch", 1,
+                   "--micro_batch", 2,
                    *(["--fsdp"] if wrap == "fsdp" else []), nproc=2)
     prints = dict(re.findall(r"rank (\d) weights fingerprint ([-+\d.e]+)\n", p.stdout + p.stderr))
     assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from common import arithmetic_task
+from eval import arithmetic_task
 from test_dpo_semionline import metrics, need_vllm
 
 # A few rows in each local file's schema (../shared/data/README.md): one-digit products the tiny model was fitted on,
@@ -105,7 +105,7 @@ def test_eval_cli_local_benchmarks(tiny_model, tmp_path, sampler):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["model"] == tiny_model and summary["sampler"] == sampler
     assert (summary["temperature"], summary["top_p"], summary["samples"], summary["max_new_tokens"]) == (0.6, 0.9, 2, 24)
-    from common import math_rewards
+    from eval import math_rewards
     for name in MATH:
         r = summary["benchmarks"][name]
         assert (r["problems"], r["samples"]) == (3, 2) and 0 < r["length"] <= 24
@@ -229,8 +229,7 @@ def build_tiny_rm(path, tokenizer_path):
 
 
 def test_alpaca_eval_with_reward_model(tiny_model, tmp_path):
-    from common import load_reward_model, rm_scores
-    from eval import lc_win_rate
+    from eval import lc_win_rate, load_reward_model, rm_scores
     rm_path = build_tiny_rm(str(tmp_path / "rm"), tiny_model)
     data, out = write_data(tmp_path / "data"), str(tmp_path / "eval")
     p = run_script("eval.py", "--model", tiny_model, "--sampler", "hf", "--benchmarks", "alpaca_eval", "--data_dir", data,

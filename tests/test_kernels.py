@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHARED
-from common import dpo_loss, load_rows, math_reward, math_rewards, pad_sequences, step_batch, token_logps
+from common import dpo_loss, pad_sequences, step_batch, token_logps
+from eval import load_rows, math_reward, math_rewards
 
 
 def test_dpo_loss_by_hand():
@@ -61,15 +62,23 @@ def test_step_batch_is_a_function_of_the_step():
 
 
 def test_load_rows_names_file_and_line(tmp_path):
+    """Every bad row stops with one line naming the file and the line (blank lines counted)."""
     p = tmp_path / "d.jsonl"
-    p.write_text('{"question": "1+1?", "answer": 2}\n\n{"problem": "x"\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:3: malformed"):
+    cases = [('{"question": "1+1?", "answer": 2}\n\n{"problem": "x"\n', r"d\.jsonl:3: not valid JSON"),
+             ('{"question": "1+1?", "answer": 2}\n{"text": "no problem field"}\n', r"d\.jsonl:2: row has no 'problem'"),
+             ('[1, 2]\n', r"d\.jsonl:1: not a JSON object"),
+             ('', r"d\.jsonl: no rows")]
+    for text, message in cases:
+        p.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            load_rows(str(p))
+    p.write_bytes(b'{"problem": "1+1?", "answer": "2"}\n{"problem": "\xff\xfe"}\n')
+    with pytest.raises(SystemExit, match=r"d\.jsonl:2: not UTF-8"):
         load_rows(str(p))
-    p.write_text('{"question": "1+1?", "answer": 2}\n{"text": "no problem field"}\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: .*no 'problem'"):
-        load_rows(str(p))
-    p.write_text('{"question": "1+1?", "answer": 2}\n')
-    assert load_rows(str(p)) == [{"question": "1+1?", "answer": "2", "problem": "1+1?"}]
+    p.write_text('{"question": "1+1?", "answer": 2}\n{"problem": "Tell a joke."}\n')
+    with pytest.raises(SystemExit, match=r"d\.jsonl:2: row has no 'answer'"):
+        load_rows(str(p), need_answer=True)
+    assert load_rows(str(p)) == [{"question": "1+1?", "answer": "2", "problem": "1+1?"}, {"problem": "Tell a joke."}]
 
 
 def _boxed(ans):

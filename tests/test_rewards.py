@@ -48,7 +48,7 @@ def reference_score(model, ids):
 
 @pytest.mark.parametrize("kind", ["plain", "athene"])
 def test_rm_scores_match_hand_computation(rms, kind):
-    from common import PLAIN_TEMPLATE, load_reward_model, rm_scores
+    from eval import PLAIN_TEMPLATE, load_reward_model, rm_scores
     path, model = rms[kind]
     rm = load_reward_model(path, torch.device("cpu"))
     assert rm.cls_token_id == (CLS if kind == "athene" else None)
@@ -69,22 +69,23 @@ def test_rm_scores_match_hand_computation(rms, kind):
 
 def test_mixed_batch_routing(rms):
     """Rows with an answer get Math-Verify's 0/1, rows without get the reward model's score, in one batch."""
-    from common import load_reward_model, rm_scores, score_responses, task_means, task_sums
+    from eval import load_reward_model, rm_scores, score_responses, task_means, task_sums
     rm = load_reward_model(rms["athene"][0], torch.device("cpu"))
     rows = [{"problem": "What is 3 * 4?", "answer": "12"}, {"problem": "Tell me a joke."},
             {"problem": "What is 6 * 7?", "answer": "42"}, {"problem": "Name a colour."}]
     responses = [" The final answer is $\\boxed{12}$.", " Why did the chicken cross the road?",
                  " The final answer is $\\boxed{41}$.", " Blue."]
-    rewards = score_responses(rows, responses, rm)
+    rewards, timeouts = score_responses(rows, responses, rm)
     rm_part = rm_scores(rm, [rows[1]["problem"], rows[3]["problem"]], [responses[1], responses[3]])
     assert rewards == pytest.approx([1.0, rm_part[0], 0.0, rm_part[1]], abs=1e-6)
     assert task_means(task_sums(rows, rewards)) == pytest.approx({"reward_math": 0.5, "reward_rm": sum(rm_part) / 2})
-    with pytest.raises(AssertionError, match="--reward_model"):
+    assert timeouts == 0
+    with pytest.raises(SystemExit, match="--reward_model"):
         score_responses(rows, responses, None)
 
 
 def mixed_data(path, n_rm=8):
-    from common import arithmetic_task
+    from eval import arithmetic_task
     rows = arithmetic_task(0)[0][:8] + [{"prompt": f"Describe the number {k} in one sentence."} for k in range(n_rm)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
