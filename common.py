@@ -48,7 +48,7 @@ def parse_args(args_class):
             continue
         if math.isnan(v) or ("gt" in m and not v > m["gt"]) or ("min" in m and not v >= m["min"]) \
                 or ("max" in m and not v <= m["max"]) or (m.get("whole") and not (math.isinf(v) or v == int(v))):
-            bounds = [f"> {m['gt']}"] * ("gt" in m) + [f">= {m['min']}"] * ("min" in m) + [f"<= {m['max']}"] * ("max" in m)
+            bounds = [f"{op} {m[k]}" for k, op in (("gt", ">"), ("min", ">="), ("max", "<=")) if k in m]
             fail(f"{name} {v}: must be {' and '.join(bounds) or 'a number'}{' (an integer, or inf)' * bool(m.get('whole'))}")
     return args
 
@@ -282,7 +282,11 @@ def make_sampler(kind, model_path, tokenizer, device, seed, stop_token_ids, max_
         # give it a fixed 1 GiB instead; and keep it from cutting torch (the trainer's) to one thread
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    from transformers import AutoConfig
     from vllm import LLM
+    # never past the model's own context: vLLM refuses a longer one
+    limit = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code), "max_position_embeddings", 0)
+    max_model_len = min(max_model_len, limit or max_model_len)
     world = int(os.environ.get("WORLD_SIZE", 1))
     kwargs = dict(distributed_executor_backend="external_launcher", data_parallel_size=world) if world > 1 else {}
     engine = LLM(model_path, dtype=str(dtype).split(".")[-1], seed=seed, gpu_memory_utilization=vllm_memory,

@@ -1,27 +1,23 @@
 """Evaluation and the task: prompts, data rows, rewards (Math-Verify, reward models), benchmarks.
 
-Paper section 6: temperature 0.6, top-p 0.9; the paper's benchmark numbers use 50 samples per problem,
-validation during training 1. The paper judges training rollouts and benchmark answers with the same
-verifier, so the task lives here beside `evaluate`, the one function the training scripts validate with;
-the command line below runs it on benchmarks, selects a run's checkpoint, writes AlpacaEval submissions
-and prepares the paper-scale data files.
+Paper section 6: temperature 0.6, top-p 0.9, 50 samples per problem on benchmarks, 1 in validation. The task
+lives here, beside `evaluate` (what the training scripts validate with), because the paper judges rollouts and
+benchmark answers with the same verifier.
 
   python eval.py --model runs/dpo_semionline/step_000030 --benchmarks math500,amc23 --samples 50
   python eval.py --benchmarks math500=my_copy.jsonl --data_dir ~/data --limit 20 --samples 4   # quick look
   python eval.py --select runs/dpo_semionline          # best checkpoint by val reward / val length (section 6)
-  python eval.py --model ... --benchmarks alpaca_eval --reward_model Nexusflow/Athene-RM-8B
+  python eval.py --model ... --benchmarks alpaca_eval,arena_hard --reward_model Nexusflow/Athene-RM-8B
   python eval.py --prepare_data data                   # NuminaMath splits and WildChat prompts (section 5)
   torchrun --nproc_per_node 8 eval.py --model ... --benchmarks math500,amc23,numina_test   # problems split over ranks
 
-Benchmarks are read from `--data_dir/<file>` when the file is there (JSONL, `{"problem", "answer"}`), else from
-the dataset hub (needs `pip install datasets` and hub access); `name=path.jsonl` gives a file explicitly.
-
-Deliberate deviations from the paper:
-  1. AlpacaEval: the paper reports AlpacaEval 2.0 with GPT-4 judges. Here a reward model judges each output
-     against the dataset's reference output, and the length-controlled win rate is a two-parameter logistic
-     fit (intercept + length difference in characters), not AlpacaEval's GLM (which adds a tanh and
-     per-instruction terms). The numbers are a cheap proxy; the submission file written alongside is what
-     the real AlpacaEval takes (`alpaca_eval --model_outputs <out>/alpaca_eval_model_outputs.json`).
+Benchmarks come from `--data_dir/<file>` (JSONL `{"problem", "answer"}`), `name=path.jsonl`, or the hub
+(`pip install datasets`). Deliberate deviations from the paper:
+  1. AlpacaEval and Arena-Hard: a reward model judges each output against the reference (AlpacaEval's) or
+     baseline (Arena-Hard's GPT-4-0314) answer, where the paper uses GPT-4 judges; the length-controlled win
+     rate is a two-parameter logistic fit (intercept + length difference in characters), not AlpacaEval's GLM.
+     A cheap proxy; the files written alongside are what the real judges take: `alpaca_eval --model_outputs
+     <out>/alpaca_eval_model_outputs.json`, and Arena-Hard-Auto's gen_judgment.py on <out>/arena_hard/model_answer.
   2. NuminaMath splits: the paper gives the sources it drops and the sizes, not its proof / multiple-choice
      rules or its shuffle; ours are in `numina_splits`, so our 1,980 test problems are not the paper's.
   3. Models without a chat template get a few-shot math prompt (build_prompt), in training as here.
@@ -37,9 +33,7 @@ import torch.distributed as dist
 from common import (check_model_path, checkpoints, default_model_path, fail, generate, load_tokenizer, load_weights,
                     make_sampler, pad_sequences, parse_args, print0, resolve, setup_dist, sync_weights)
 
-# ------------------------------------------------------------------------------------------------
-# Prompts and data rows
-# ------------------------------------------------------------------------------------------------
+# ---- Prompts and data rows ----
 
 # Paper section 3.2: the math prompt, sent through the tokenizer's chat template (e.g. Llama-3.1-Instruct)
 MATH_TEMPLATE = ("Given the following problem, reason and give a final answer to the problem.\nProblem: {problem}\n"
@@ -147,10 +141,8 @@ def load_task(tokenizer, data, val_data, val_size, seed, max_prompt_tokens, need
     return kept[0], kept[1][:val_size or None]
 
 
-# ------------------------------------------------------------------------------------------------
-# Math reward: Math-Verify in a pool of worker processes, started once and awaited before any answer is
-# timed, so a hang can be killed and any thread may call it
-# ------------------------------------------------------------------------------------------------
+# ---- Math reward: Math-Verify in a pool of worker processes, started once and awaited before any answer is
+# timed, so a hang can be killed and any thread may call it ----
 
 # A worker: plain Python (no torch), reads [response, answer] JSON lines, writes a reward per line
 _WORKER = r'''
@@ -248,9 +240,7 @@ def math_reward(response: str, answer: str) -> float:
     return math_verify([response], [answer], num_workers=1)[0][0]
 
 
-# ------------------------------------------------------------------------------------------------
-# Reward models (non-verifiable prompts) and mixed batches
-# ------------------------------------------------------------------------------------------------
+# ---- Reward models (non-verifiable prompts) and mixed batches ----
 
 @dataclass
 class RewardModel:
@@ -334,9 +324,7 @@ def task_means(g):
     return {k: g[k] / g[n] for k, n in (("reward_math", "n_math"), ("reward_rm", "n_rm")) if g[n]}
 
 
-# ------------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------------
+# ---- Evaluation ----
 
 def evaluate(sampler, tokenizer, rows, samples=1, temperature=0.6, top_p=0.9, max_new_tokens=1024, seed=0, rm=None):
     """Mean reward over problems x samples, its standard error over problems, mean response length. Rows with
@@ -351,10 +339,7 @@ def evaluate(sampler, tokenizer, rows, samples=1, temperature=0.6, top_p=0.9, ma
                    for i, g in enumerate(groups)]
     generations = [{"problem": r["problem"], "answer": r.get("answer"), "responses": [s.text for s in g],
                     "rewards": flat[i * samples:(i + 1) * samples]} for i, (r, g) in enumerate(zip(mine, groups))]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, per_problem)
-        per_problem = [x for part in gathered for x in part]
+    per_problem = gather(per_problem, world)
     acc = [a for a, _ in per_problem]
     mean = sum(acc) / len(acc)
     se = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1) / len(acc)) if len(acc) > 1 else 0.0
@@ -362,34 +347,33 @@ def evaluate(sampler, tokenizer, rows, samples=1, temperature=0.6, top_p=0.9, ma
             "problems": len(acc), "generations": generations}
 
 
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
+# ---- Command line ----
 
 @dataclass
 class Args:
     model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M"})
     benchmarks: str = field(default="math500,amc23,aime24,gsm8k", metadata={
-        "help": "comma-separated names from BENCHMARKS (math500, amc23, aime24, gsm8k, numina_test, alpaca_eval), "
+        "help": "comma-separated names from BENCHMARKS (math500, amc23, aime24, gsm8k, numina_test, alpaca_eval, "
+                "arena_hard), "
                 "or name=path.jsonl"})
     data_dir: str = field(default="", metadata={"help": "folder with local JSONL copies (math500.jsonl, ...); "
                                                 "empty or a missing file: the dataset hub"})
-    samples: int = field(default=50, metadata={"help": "samples per problem (paper: 50); alpaca_eval always 1", "min": 1})
+    samples: int = field(default=50, metadata={"help": "samples per problem (paper: 50); alpaca_eval, arena_hard 1",
+                                               "min": 1})
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature (paper: 0.6)", "min": 0})
     top_p: float = field(default=0.9, metadata={"help": "top-p (paper: 0.9)", "gt": 0, "max": 1})
     max_new_tokens: int = field(default=1024, metadata={"help": "response length limit (paper trains with 2048)", "min": 1})
     limit: int = field(default=0, metadata={"help": "first N problems of each benchmark (0: all), for quick runs", "min": 0})
     reward_model: str = field(default="", metadata={"help": "sequence-classification reward model for rows without "
-                                                    "an 'answer' (alpaca_eval win rates; --select of such runs)"})
+                                                    "an 'answer' (win rates of alpaca_eval, arena_hard)"})
     select: str = field(default="", metadata={"help": "run folder: rank its step_N checkpoints by validation reward / "
                                               "length instead of evaluating --model"})
     prepare_data: str = field(default="", metadata={"help": "folder: write the paper-scale data files there "
                                                     "(numina_{train,val,test}.jsonl, wildchat_{1k,val}.jsonl) and exit"})
-    numina_source: str = field(default="AI-MO/NuminaMath-CoT", metadata={
-        "help": "--prepare_data: hub id, or a local JSONL file / folder with the hub's columns (problem, solution, source)"})
-    wildchat_source: str = field(default="allenai/WildChat-1M", metadata={
-        "help": "--prepare_data: hub id, or a local JSONL file / folder with the hub's columns (conversation, "
-                "language, toxic, redacted)"})
+    numina_source: str = field(default="AI-MO/NuminaMath-CoT", metadata={"help": "--prepare_data: hub id, or JSONL "
+                                                                         "file / folder with the hub's columns"})
+    wildchat_source: str = field(default="allenai/WildChat-1M", metadata={"help": "--prepare_data: hub id, or JSONL "
+                                                                          "file / folder with the hub's columns"})
     held_out: int = field(default=1980, metadata={"help": "--prepare_data: NuminaMath validation and test problems each",
                                                   "min": 1})
     sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)",
@@ -401,6 +385,8 @@ class Args:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
 
 
+ARENA_HARD = ["arena-hard-v0.1/question.jsonl", "arena-hard-v0.1/model_answer/gpt-4-0314.jsonl"]
+JUDGED = ("alpaca_eval", "arena_hard")  # outputs compared with a reference answer, one sample each
 # name: (local file names, hub dataset id, hub config, hub split, {our field: hub field})
 BENCHMARKS = {
     "math500": (["math500.jsonl"], "HuggingFaceH4/MATH-500", None, "test", {"problem": "problem", "answer": "answer"}),
@@ -411,6 +397,7 @@ BENCHMARKS = {
     # the paper's held-out test split, built from the full training set by numina_splits
     "numina_test": (["numina_test.jsonl"], "AI-MO/NuminaMath-CoT", None, "train",
                     {"problem": "problem", "solution": "solution", "source": "source"}),
+    "arena_hard": (ARENA_HARD, "lmarena-ai/arena-hard-auto", None, None, {}),  # arena_hard_rows
     "alpaca_eval": (["alpaca_eval.jsonl"], "tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline", "eval",
                     {"problem": "instruction", "reference": "output", "dataset": "dataset"}),
 }
@@ -458,8 +445,7 @@ def numina_splits(rows, seed=0, held_out=NUMINA_HELD_OUT):
     if len(kept) <= 2 * held_out:
         fail(f"NuminaMath: {len(kept)} problems pass the filter, too few to hold out {held_out} twice (--held_out)")
     random.Random(seed).shuffle(kept)
-    n = held_out
-    return kept[2 * n:], kept[:n], kept[n:2 * n]
+    return kept[2 * held_out:], kept[:held_out], kept[held_out:2 * held_out]
 
 
 def read_source(source, streamed=None):
@@ -498,21 +484,34 @@ def prepare_data(out, numina_source, wildchat_source, seed=0, held_out=NUMINA_HE
         print0(f"{out}/{name}.jsonl: {len(rows)} rows")
 
 
+def arena_hard_rows(data_dir):
+    """Arena-Hard-Auto v0.1: its 500 questions with the baseline's (GPT-4-0314) answers as references, from
+    <data_dir> laid out as the benchmark's own data/ folder, else from the hub dataset (files, no `datasets`)."""
+    paths = [os.path.join(data_dir, f) for f in ARENA_HARD]
+    if not all(os.path.exists(p) for p in paths):
+        from huggingface_hub import hf_hub_download
+        paths = [hf_hub_download(BENCHMARKS["arena_hard"][1], "data/" + f, repo_type="dataset") for f in ARENA_HARD]
+    baseline = {r["question_id"]: r["choices"][0]["turns"][0]["content"] for _, r in read_jsonl(paths[1])}
+    return [{"problem": q["turns"][0]["content"], "reference": baseline.get(q["question_id"]),
+             "question_id": q["question_id"], "dataset": q.get("category")} for _, q in read_jsonl(paths[0])]
+
+
 def load_benchmark(spec, data_dir, limit):
     """`name` or `name=path.jsonl` -> rows: the explicit path, else <data_dir>/<local file>, else the hub."""
     name, _, path = spec.partition("=")
     files, hub, config, split, fields = BENCHMARKS.get(name, ([], None, None, None, {}))
     local = [os.path.join(data_dir, f) for f in files if data_dir and os.path.exists(os.path.join(data_dir, f))]
-    path = path or (local[0] if local else "")
-    if path:
-        rows = load_rows(path)  # reports a malformed line as file:line
+    if name == "arena_hard" and not path:  # name=path.jsonl: rows {prompt, reference} like the others
+        rows = arena_hard_rows(data_dir)
+    elif path or local:
+        rows = load_rows(path or local[0])  # reports a malformed line as file:line
     else:
         try:
             import datasets  # only needed when there is no local copy
             hub_rows = datasets.load_dataset(hub, config, split=split)
         except Exception as e:
-            sys.exit(f"{name}: no local copy ({' or '.join(files)} in --data_dir {data_dir!r}) and the hub dataset "
-                     f"{hub} could not be loaded ({type(e).__name__}: {e}); `pip install datasets` or pass --data_dir")
+            fail(f"{name}: no local copy ({' or '.join(files)} in --data_dir {data_dir!r}) and the hub dataset "
+                 f"{hub} could not be loaded ({type(e).__name__}: {e}); `pip install datasets` or pass --data_dir")
         rows = [{ours: r[theirs] for ours, theirs in fields.items()} for r in hub_rows]
         if name == "numina_test":
             rows = numina_splits(rows)[2]
@@ -551,8 +550,8 @@ def lc_win_rate(wins, length_diff, iters=50, l2=1e-4):
     return float(1 / (1 + np.exp(-w[0]))), w.tolist()
 
 
-def alpaca_eval(sampler, tokenizer, rows, args, rm, generator, rank, world):
-    """One output per instruction (AlpacaEval's format has one); with a reward model, each output and the
+def judged(sampler, tokenizer, rows, args, rm, generator, rank, world):
+    """One output per instruction (as AlpacaEval and Arena-Hard take); with a reward model, each output and the
     reference are scored and compared: win 1, tie 0.5, loss 0."""
     mine = rows[rank::world]
     groups = generate(sampler, [build_prompt(tokenizer, r) for r in mine], 1, args.temperature, args.top_p,
@@ -562,6 +561,7 @@ def alpaca_eval(sampler, tokenizer, rows, args, rm, generator, rank, world):
     scores = rm_scores(rm, instructions, outputs) if rm else [None] * len(mine)
     ref_scores = rm_scores(rm, instructions, [r["reference"] for r in mine]) if rm else [None] * len(mine)
     gens = gather([{"instruction": r["problem"], "output": o, "generator": generator, "dataset": r.get("dataset"),
+                    "question_id": r.get("question_id"),
                     "reference": r.get("reference"), "length": len(g[0].token_ids), "score": s, "reference_score": rs}
                    for r, o, g, s, rs in zip(mine, outputs, groups, scores, ref_scores)], world)
     result = {"problems": len(gens), "samples": 1, "length": sum(g["length"] for g in gens) / len(gens)}
@@ -643,10 +643,10 @@ def main():
             fail(f"--benchmarks: unknown {s!r} (known: {', '.join(BENCHMARKS)}; or name=path.jsonl)")
     benchmarks = {s.partition("=")[0]: load_benchmark(s, args.data_dir, args.limit) for s in specs}
     for name, rows in benchmarks.items():
-        if name != "alpaca_eval" and not args.reward_model and any(r.get("answer") is None for r in rows):
+        if name not in JUDGED and not args.reward_model and any(r.get("answer") is None for r in rows):
             fail(f"{name}: rows without an 'answer' need --reward_model")
-        if name == "alpaca_eval" and args.reward_model and not all(r.get("reference") for r in rows):
-            fail("alpaca_eval: --reward_model compares each output with the row's 'reference', and a row has none")
+        if name in JUDGED and args.reward_model and not all(r.get("reference") for r in rows):
+            fail(f"{name}: --reward_model compares each output with the row's 'reference', and a row has none")
     rank, world, device = setup_dist()
 
     model_path = args.model or default_model_path()
@@ -667,8 +667,8 @@ def main():
 
     for name, rows in benchmarks.items():
         t0 = time.time()
-        if name == "alpaca_eval":
-            result, gens = alpaca_eval(sampler, tokenizer, rows, args, rm, generator, rank, world)
+        if name in JUDGED:
+            result, gens = judged(sampler, tokenizer, rows, args, rm, generator, rank, world)
         else:
             result = evaluate(sampler, tokenizer, rows, args.samples, args.temperature, args.top_p,
                               args.max_new_tokens, args.seed, rm)
@@ -681,11 +681,18 @@ def main():
             if name == "alpaca_eval":  # AlpacaEval's submission format
                 json.dump([{k: g[k] for k in ("instruction", "output", "generator", "dataset")} for g in gens],
                           open(os.path.join(out, "alpaca_eval_model_outputs.json"), "w"), indent=1)
+            if name == "arena_hard":  # Arena-Hard-Auto's model_answer format, for its gen_judgment.py
+                os.makedirs(os.path.join(out, "arena_hard", "model_answer"), exist_ok=True)
+                with open(os.path.join(out, "arena_hard", "model_answer", f"{generator}.jsonl"), "w") as f:
+                    f.writelines(json.dumps({"question_id": g["question_id"], "answer_id": f"{generator}-{g['question_id']}",
+                                             "model_id": generator, "tstamp": time.time(), "choices": [
+                                                 {"index": 0, "turns": [{"content": g["output"], "token_len": g["length"]}]}]})
+                                 + "\n" for g in gens)
         print0(f"{name}: {json.dumps({k: v for k, v in result.items() if not isinstance(v, list)})}")
 
     if rank == 0:
         json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
-    # accuracy: Math-Verify mean over problems x samples; for alpaca_eval the win rate against the reference
+    # accuracy: Math-Verify mean over problems x samples; for alpaca_eval, arena_hard the win rate
     print0(f"\n{'benchmark':<14}{'problems':>9}{'samples':>8}{'accuracy':>10}{'se':>8}{'length':>9}")
     for name, r in summary["benchmarks"].items():
         acc = f"{r['reward']:>10.4f}{r['reward_se']:>8.4f}" if "reward" in r else f"{'-':>10}{'-':>8}"

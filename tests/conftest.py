@@ -59,12 +59,14 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model(cache or str(tmp_path_factory.mktemp("tiny_model")))
 
 
-def run_script(script, *args, env=None, timeout=900, nproc=1):
+def run_script(script, *args, env=None, timeout=900, nproc=1, check=True):
     """Runs a training script as a user would (or under torchrun); returns the completed process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
         else [sys.executable]
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    if nproc > 1 and torch.cuda.device_count() < nproc:  # fewer GPUs than processes: all of them on the CPU (gloo)
+        e["CUDA_VISIBLE_DEVICES"] = ""
     p = subprocess.run(cmd + [os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=e, capture_output=True,
                        text=True, timeout=timeout)
-    assert p.returncode == 0, f"{script} failed:\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    assert p.returncode == 0 or not check, f"{script} failed:\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
     return p

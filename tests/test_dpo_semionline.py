@@ -5,7 +5,9 @@ import pytest
 
 from conftest import ROOT, run_script
 
-SMALL = ["--prompts_per_step", 8, "--n", 4, "--max_new_tokens", 48, "--val_size", 8, "--lr", 1e-3]
+# --bf16 false: on a GPU too, trainer and HF generator compute alike (the logp_gap checks need it)
+SMALL = ["--bf16", "false", "--prompts_per_step", 8, "--n", 4, "--max_new_tokens", 48, "--val_size", 8,
+         "--lr", 1e-3]
 
 
 def need_vllm():
@@ -47,26 +49,6 @@ def test_sync_every_2_steps(tiny_model, tmp_path, sampler):
     assert json.load(open(os.path.join(out, "args.json")))["sync"] == 2
 
 
-def test_resume_after_kill(tiny_model, tmp_path):
-    """A 4-step run killed after its step-2 checkpoint resumes and ends at step 4 with every checkpoint."""
-    out = str(tmp_path / "run")
-    args = ["--model", tiny_model, "--sampler", "hf", "--steps", 4, "--save_every", 2, "--out", out, *SMALL]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo_semionline.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not os.path.exists(os.path.join(out, "step_000002", "trainer_state.pt")) and time.time() < deadline:
-        assert proc.poll() is None, "run ended before its first checkpoint"
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    assert not os.path.exists(os.path.join(out, "step_000004"))
-    p = run_script("dpo_semionline.py", *args, "--resume", out)
-    assert "resumed from" in p.stdout and "at step 2" in p.stdout
-    steps = [r["step"] for r in metrics(out) if "loss" in r]
-    assert steps == [0, 1, 2, 3]  # rows logged after the checkpoint by the killed run are dropped, not duplicated
-    assert all(os.path.exists(os.path.join(out, f"step_00000{s}", "model.safetensors")) for s in (2, 4))
-
-
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
 def test_torchrun_two_processes(tiny_model, tmp_path, wrap):
     """2 CPU processes (gloo; DDP, or FSDP2 shards): both ranks end with identical weights. One pair per
@@ -79,13 +61,8 @@ def test_torchrun_two_processes(tiny_model, tmp_path, wrap):
     prints = dict(re.findall(r"rank (\d) weights fingerprint ([-+\d.e]+)\n", p.stdout + p.stderr))
     assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints
     assert sum(r["pairs"] for r in metrics(out) if "loss" in r) > 0
-
-
-@pytest.mark.parametrize("flags, message", [(["--sync", "0"], "--sync"), (["--sync", "2.5"], "--sync"),
-                                            (["--n", "1"], "--n"), (["--resume", "/nonexistent"], "no checkpoint")])
-def test_bad_flags_fail_before_loading(flags, message):
-    t0 = time.time()
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "dpo_semionline.py"), *flags], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode != 0 and message in p.stderr
-    assert "Loading weights" not in p.stderr + p.stdout
+    # resuming the finished run: the checkpoint (gathered to rank 0's CPU) is read back into both ranks' shards
+    p = run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 3, "--out", out, *small,
+                   "--resume", out, *(["--fsdp"] if wrap == "fsdp" else []), nproc=2)
+    assert "at step 3" in p.stdout
+    assert dict(re.findall(r"rank (\d) weights fingerprint ([-+\d.e]+)\n", p.stdout + p.stderr)) == prints

@@ -49,10 +49,9 @@ def test_gsm8k_answer_and_last_boxed():
     assert last_boxed("no answer") is None and last_boxed("cut off \\boxed{\\frac{1}{2") is None
 
 
-def test_numina_filter(monkeypatch):
+def test_numina_filter():
     """Synthetic NuminaMath-CoT rows through the paper's filter (the real split needs the hub)."""
     import eval
-    monkeypatch.setattr(eval, "NUMINA_HELD_OUT", 2)
     good = [{"problem": f"Compute {k} + 1.", "solution": f"It is $\\boxed{{{k + 1}}}$.", "source": "olympiads"}
             for k in range(6)]
     bad = [{"problem": "Compute 1 + 1.", "solution": "$\\boxed{2}$", "source": s}
@@ -64,12 +63,12 @@ def test_numina_filter(monkeypatch):
         {"problem": "Which is larger? (A) 1 (B) 2 (C) 3", "solution": "$\\boxed{3}$", "source": "amc_aime"},
         {"problem": "Which set is empty?\nA: {1}\nB: {}\nC: {2}", "solution": "$\\boxed{B}$", "source": "cn_k12"},
         {"problem": "Pick the right one.", "solution": "$\\boxed{\\text{(D)}}$", "source": "olympiads"}]
-    train, val, test = eval.numina_splits(bad + good + [dict(good[0])], seed=0)
+    train, val, test = eval.numina_splits(bad + good + [dict(good[0])], seed=0, held_out=2)
     assert len(val) == len(test) == 2 and len(train) == 3
     kept = train + val + test
     assert {r["source"] for r in kept} == {"olympiads"} and all(r["problem"].startswith("Compute") for r in kept)
     assert all(r["answer"] == str(int(r["problem"].split()[1]) + 1) for r in kept)
-    order = lambda seed: [r["problem"] for r in sum(eval.numina_splits(good, seed), [])]
+    order = lambda seed: [r["problem"] for r in sum(eval.numina_splits(good, seed, held_out=2), [])]
     assert order(0) == order(0) != order(1)  # a seeded shuffle
 
 
@@ -149,7 +148,7 @@ def test_eval_torchrun_two_processes(tiny_model, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--benchmarks", "math500,nope"], "unknown 'nope'"),
     (["--benchmarks", "math500", "--data_dir", "/nonexistent"], "no local copy"),
-    (["--benchmarks", "gsm8k=BAD"], "BAD:2: malformed line")])
+    (["--benchmarks", "gsm8k=BAD"], "BAD:2: not valid JSON")])
 def test_bad_input_fails_before_loading(tmp_path, flags, message):
     (tmp_path / "BAD").write_text('{"problem": "1 + 1", "answer": "2"}\n{"problem": \n')
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # where `datasets` is installed: no download
@@ -212,8 +211,10 @@ def test_select_checkpoint(tiny_model, tmp_path):
     for s in (1, 2):
         assert (sel[s]["val_reward"], sel[s]["val_length"]) == pytest.approx(
             (logged[s]["val_reward"], logged[s]["val_length"]), abs=1e-9)
-    # else a checkpoint evaluated with the other's weights would pass
-    assert logged[1]["val_length"] != logged[2]["val_length"]
+    # else a checkpoint evaluated with the other's weights would pass: lr 1e-3 makes them differ by construction
+    from common import load_weights
+    w1, w2 = (load_weights(os.path.join(run, f"step_00000{s}")) for s in (1, 2))
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
 
 
 def build_tiny_rm(path, tokenizer_path):
@@ -254,3 +255,33 @@ def test_alpaca_eval_with_reward_model(tiny_model, tmp_path):
                                                                 for o, x in zip(outputs, rows)])[0])
     assert re.search(rf"^alpaca_eval\s+4\s+1\s+{r['win_rate']:.4f}\s+[\d.]+\s+[\d.]+\s+\(win rate; length-controlled "
                      rf"{r['lc_win_rate']:.4f}\)$", p.stdout, re.M), p.stdout
+
+
+def test_arena_hard_answers_and_win_rate(tiny_model, tmp_path):
+    """Arena-Hard-Auto's own data/ layout (questions, the GPT-4-0314 baseline's answers) in --data_dir: answers
+    written in its model_answer format, and the reward model's win rate against the baseline."""
+    from eval import load_reward_model, rm_scores
+    rm_path = build_tiny_rm(str(tmp_path / "rm"), tiny_model)
+    data = tmp_path / "data" / "arena-hard-v0.1"
+    os.makedirs(data / "model_answer")
+    questions = [{"question_id": f"q{k}", "category": "arena-hard-v0.1", "cluster": "c", "turns": [{"content": p}]}
+                 for k, p in enumerate(["Name a colour.", "Say hello.", "What is 2 * 3?"])]
+    baseline = [{"question_id": q["question_id"], "answer_id": "a", "model_id": "gpt-4-0314", "tstamp": 0.0,
+                 "choices": [{"index": 0, "turns": [{"content": answer}]}]}
+                for q, answer in zip(questions, ["Blue.", "Hello! How can I help?", "2 * 3 = 6."])]
+    (data / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (data / "model_answer" / "gpt-4-0314.jsonl").write_text("".join(json.dumps(b) + "\n" for b in baseline))
+    out = str(tmp_path / "eval")
+    run_script("eval.py", "--model", tiny_model, "--sampler", "hf", "--benchmarks", "arena_hard", "--data_dir",
+               tmp_path / "data", "--reward_model", rm_path, "--max_new_tokens", 16, "--out", out)
+    answers = read_jsonl(os.path.join(out, "arena_hard", "model_answer", f"{os.path.basename(tiny_model)}.jsonl"))
+    assert [a["question_id"] for a in answers] == ["q0", "q1", "q2"]
+    assert all(a["model_id"] == os.path.basename(tiny_model) and len(a["choices"]) == 1
+               and set(a["choices"][0]["turns"][0]) == {"content", "token_len"} for a in answers)
+    rm = load_reward_model(rm_path, torch.device("cpu"))
+    prompts = [q["turns"][0]["content"] for q in questions]
+    ours = rm_scores(rm, prompts, [a["choices"][0]["turns"][0]["content"] for a in answers])
+    theirs = rm_scores(rm, prompts, [b["choices"][0]["turns"][0]["content"] for b in baseline])
+    wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(ours, theirs)]
+    r = json.load(open(os.path.join(out, "summary.json")))["benchmarks"]["arena_hard"]
+    assert r["problems"] == 3 and r["win_rate"] == pytest.approx(sum(wins) / 3)

@@ -110,8 +110,9 @@ def test_mixed_training_run(tiny_model, rms, tmp_path, script):
     assert "val_reward" in rows[0] and "val_reward before" in p.stdout
 
 
-def test_rows_without_answer_need_reward_model(tmp_path):
+def test_rows_without_answer_need_reward_model(tiny_model, tmp_path):
     data = mixed_data(tmp_path / "mixed.jsonl", n_rm=1)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--data", data], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode != 0 and "need --reward_model" in p.stderr and "Loading weights" not in p.stderr + p.stdout
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--model", tiny_model, "--data", data], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "mixed.jsonl:9: row has no 'answer' (rows without one need --reward_model)" in p.stderr
+    assert "Loading weights" not in p.stderr + p.stdout

@@ -6,7 +6,9 @@ import pytest
 from conftest import ROOT, run_script
 from test_dpo_semionline import metrics, need_vllm
 
-SMALL = ["--prompts_per_step", 8, "--n", 4, "--max_new_tokens", 48, "--val_size", 8, "--lr", 1e-3]
+# --bf16 false: on a GPU too, trainer and HF generator compute alike (the logp_gap checks need it)
+SMALL = ["--bf16", "false", "--prompts_per_step", 8, "--n", 4, "--max_new_tokens", 48, "--val_size", 8,
+         "--lr", 1e-3]
 COMMON = {"step", "reward", "length", "entropy", "loss", "synced", "logp_gap", "kl", "time_gen", "time_reward",
           "time_train", "time_sync"}
 
@@ -55,7 +57,7 @@ def test_group_dpo_with_grpo_term(tiny_model, tmp_path):
 def test_dpo_offline_two_phases(tiny_model, tmp_path):
     out = str(tmp_path / "run")
     p = run_script("dpo_offline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 3, "--out", out,
-                   *SMALL[:2], "--n", 8, *SMALL[4:])
+                   *SMALL[:4], "--n", 8, *SMALL[6:])
     train = check_run(out, p, 3, (COMMON - {"reward", "length"}) | {"pairs", "margin", "pair_acc"})
     pairs = [json.loads(l) for l in open(os.path.join(out, "pairs.jsonl"))]
     assert pairs, "phase 1 formed no pair: the test would pass vacuously"
@@ -115,21 +117,3 @@ def test_vllm_smoke(tiny_model, tmp_path, script, extra):
         assert all(r["clip_frac"] < 0.01 for r in train), train  # the ratio is 1 up to the two engines' numerics
     if script == "dpo_offline.py":
         assert os.path.exists(os.path.join(out, "pairs.jsonl")) and train[0]["time_gen"] > 0
-
-
-@pytest.mark.parametrize("script, flags, message", [
-    ("grpo.py", ["--sync", "0"], "--sync"), ("grpo.py", ["--n", "1"], "--n"), ("group_dpo.py", ["--sync", "1.5"], "--sync"),
-    ("dpo_offline.py", ["--pairs", "/nonexistent.jsonl"], "no such file")])
-def test_bad_flags_fail_before_loading(script, flags, message):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode != 0 and message in p.stderr and "Loading weights" not in p.stderr + p.stdout
-
-
-def test_dpo_offline_malformed_pairs_named_by_line(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text('{"prompt": "What is 2 * 3?", "chosen": " 6", "rejected": " 5"}\n{"prompt": "What is 2 * 4?", "chosen": " 8"}\n')
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "dpo_offline.py"), "--pairs", str(path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and f"{path}:2" in p.stderr and "rejected" in p.stderr
-    assert "Loading weights" not in p.stderr + p.stdout
