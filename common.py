@@ -36,9 +36,10 @@ def parse_args(args_class):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = fail  # argparse would print the whole usage first
     for f in dataclasses.fields(args_class):
-        flag = f.type in (bool, bool | None)  # `--fsdp`, `--fsdp true`, `--fsdp false`
-        parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", []), default=f.default, help=f.metadata["help"],
-                            type=true_or_false if flag else f.type, nargs="?" if flag else None, const=True if flag else None)
+        flag, many = f.type in (bool, bool | None), f.type == list[str]  # `--fsdp`, `--fsdp true`, `--fsdp false`
+        parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", []), help=f.metadata["help"],
+                            default=[] if many else f.default, type=true_or_false if flag else str if many else f.type,
+                            nargs="?" if flag else "*" if many else None, const=True if flag else None)
     args = args_class(**vars(parser.parse_args()))
     for f in dataclasses.fields(args):
         v, m, name = getattr(args, f.name), f.metadata, f"--{f.name}"
@@ -206,6 +207,9 @@ def iter_weights(model, dtype=None):
 @torch.no_grad()
 def copy_weights(dst, src):
     """dst <- src in place, parameter by parameter (works for DDP and for matching FSDP shards; casts dtypes)."""
+    for m in (*unwrap(dst).modules(), *unwrap(src).modules()):
+        if is_fsdp(m):  # FSDP2 keeps a root's weights gathered after a forward with no backward (the reference's)
+            m.reshard()
     for d, s in zip(unwrap(dst).parameters(), unwrap(src).parameters()):
         d.copy_(s)
 
@@ -557,6 +561,7 @@ def load_checkpoint(path, model, optimizer, scheduler):
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+    print0(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
 

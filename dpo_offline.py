@@ -4,12 +4,11 @@ Paper: "Bridging Offline and Online Reinforcement Learning for LLMs" (arXiv 2506
 DPO loss eq. 3, offline regime: the generator is never synced, which is the same as generating the
 pairs once beforehand; this script does that explicitly. The reference stays the seed model.
 
-Phase 1: sample n responses from the seed model for every training prompt the run will visit
-(steps x prompts_per_step of them, or all), score them (Math-Verify, or --reward_model), pair a random correct
-response with a random incorrect one, write <out>/pairs.jsonl. Phase 2, each step: take the prompts
-the online scripts take at that step, their pairs (a prompt without one is skipped, and counted in
-the normaliser, as online), one AdamW step. `--pairs file.jsonl` skips phase 1: a plain DPO trainer
-on rows {prompt, chosen, rejected} (text; prompt is the problem, put through the prompt template).
+Phase 1 (sample_pairs): n responses from the seed model for every training prompt the run will visit, scored
+(Math-Verify, or --reward_model), a random correct one paired with a random incorrect one, <out>/pairs.jsonl.
+Phase 2, each step: the prompts the online scripts take at that step, their pairs (a prompt without one is
+skipped, and counted in the normaliser, as online), one AdamW step. `--pairs file.jsonl` skips phase 1: a plain
+DPO trainer on rows {prompt, chosen, rejected} (text; the prompt goes through the prompt template).
 
 Deliberate deviations from the paper and the authors' code:
   1. Defaults are sized for the embedded default (Gemma-3-270M on arithmetic, on a CPU): a larger
@@ -19,8 +18,8 @@ Deliberate deviations from the paper and the authors' code:
      phase 2 otherwise never uses, is given the current weights for it.
   3. Resuming reuses <out>/pairs.jsonl: phase 1 is not repeated.
   4. A prompt visited in two epochs gets the same pair both times (`dpo_semionline.py --sync inf` would
-     sample it afresh). Phase 1's cost is logged once, in the step-0 row's time_gen and time_reward,
-     with the seed's reward and length; later rows log no reward or length and no generation time.
+     sample it afresh). Phase 1 is logged once, in the step-0 row (time_gen, time_reward, the seed's reward
+     and length); later rows log no reward, length or generation time.
   5. Pairs given as text are tokenized without special tokens and end with EOS; their generator
      log-probs are unknown and count as a logp_gap of 0.
 
@@ -39,8 +38,8 @@ from common import (Sample, all_reduce, barrier, check_model_path, check_run_fol
                     generate, grad_sync, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
                     make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print0,
                     print_summary, resolve, save_checkpoint, setup_dist, step_batch, sync_weights, token_logps, wrap_model)
-from eval import (build_prompt, evaluate, load_reward_model, load_task, read_jsonl, score_responses, stop_token_ids,
-                  task_means, task_sums)
+from eval import (build_prompt, evaluate, load_reward_model, load_task, plot_runs, read_jsonl, score_responses,
+                  stop_token_ids, task_means, task_sums)
 
 
 @dataclass
@@ -103,8 +102,7 @@ def make_pairs(groups, rewards, rng):
 
 
 def read_pairs(path):
-    """A pair file -> rows; a malformed line or a row without prompt / chosen / rejected text is named by file
-    and line, before any model loads."""
+    """A pair file -> rows; a bad line or a row without prompt / chosen / rejected text is named by file and line."""
     if not os.path.isfile(path):
         fail(f"--pairs {path}: no such file")
     rows = []
@@ -121,22 +119,20 @@ def read_pairs(path):
 def sample_pairs(args, sampler, tokenizer, train_rows, rm, pairs_file, rank, world):
     """Phase 1: n responses per prompt that the run will visit, from the seed model, once; score; pair; write
     pairs_file (atomically: a killed phase 1 leaves nothing to resume from). Returns its metrics row."""
-    t0, metrics = time.time(), {}
     used = sorted({i for s in range(args.steps) for i in step_batch(len(train_rows), s, args.prompts_per_step, args.seed)})
-    mine, groups, chunk = used[rank::world], [], 256
+    t0, metrics, mine, groups, chunk = time.time(), {}, used[rank::world], [], 256
     for c in tqdm(range(0, len(mine), chunk), disable=rank != 0, desc="phase 1: sample the seed model"):
-        groups += generate(sampler, [build_prompt(tokenizer, train_rows[i]) for i in mine[c:c + chunk]],
-                           args.n, args.temperature, args.top_p, args.max_new_tokens,
-                           seed=args.seed * 100003 + c * world + rank)
+        groups += generate(sampler, [build_prompt(tokenizer, train_rows[i]) for i in mine[c:c + chunk]], args.n,
+                           args.temperature, args.top_p, args.max_new_tokens, seed=args.seed * 100003 + c * world + rank)
     metrics["time_gen"], t0 = time.time() - t0, time.time()
     rows_n = [train_rows[i] for i in mine for _ in range(args.n)]  # each response's data row
     flat, timeouts = score_responses(rows_n, [s.text for g in groups for s in g], rm)
     rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
     metrics["time_reward"] = time.time() - t0
     rows = [{"index": mine[k], "prompt": train_rows[mine[k]]["problem"], "answer": train_rows[mine[k]].get("answer"),
-             "chosen": c.text, "rejected": r.text,
-             "chosen_reward": max(rewards[k]), "rejected_reward": min(rewards[k]), "chosen_token_ids": c.token_ids,
-             "rejected_token_ids": r.token_ids, "chosen_logprobs": c.logprobs, "rejected_logprobs": r.logprobs}
+             "chosen": c.text, "rejected": r.text, "chosen_reward": max(rewards[k]), "rejected_reward": min(rewards[k]),
+             "chosen_token_ids": c.token_ids, "rejected_token_ids": r.token_ids, "chosen_logprobs": c.logprobs,
+             "rejected_logprobs": r.logprobs}
             for k, c, r in make_pairs(groups, rewards, random.Random(f"{args.seed}-{rank}"))]
     gathered = [rows] * world
     if world > 1:
@@ -198,8 +194,6 @@ def main():
     start = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt else 0
     open_run(args.out, asdict(args) | {"model_path": model_path, "world_size": world, "bf16": bf16, "fsdp": fsdp},
              start, args.overwrite)
-    if ckpt:
-        print0(f"resumed from {ckpt} at step {start}")
     val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, rm=rm)
     val_history, skipped, skipped_in_row = [], 0, 0
 
@@ -298,6 +292,8 @@ def main():
                            "val_length": val["length"]})
     save_checkpoint(args.out, args.steps, model, tokenizer, optimizer, scheduler)
     print_summary(rank, model, val_history + [(args.steps, val)])
+    if rank == 0:
+        plot_runs([args.out], os.path.join(args.out, "metrics.png"))  # the curves of the paper's Figs. 2-3
 
 
 if __name__ == "__main__":

@@ -366,6 +366,8 @@ class Args:
     limit: int = field(default=0, metadata={"help": "first N problems of each benchmark (0: all), for quick runs", "min": 0})
     reward_model: str = field(default="", metadata={"help": "sequence-classification reward model for rows without "
                                                     "an 'answer' (win rates of alpaca_eval, arena_hard)"})
+    plot: list[str] = field(default_factory=list, metadata={"help": "run folders: overlay their curves in --out "
+                                                             "(a .png file) and exit"})
     select: str = field(default="", metadata={"help": "run folder: rank its step_N checkpoints by validation reward / "
                                               "length instead of evaluating --model"})
     prepare_data: str = field(default="", metadata={"help": "folder: write the paper-scale data files there "
@@ -577,6 +579,35 @@ def judged(sampler, tokenizer, rows, args, rm, generator, rank, world):
     return result, gens
 
 
+def plot_runs(runs, path):
+    """The curves of the paper's Figs. 2-3 from each run's metrics.jsonl, one line per run (labelled by its
+    folder): training reward and validation accuracy, response length, entropy, logp_gap and KL against step,
+    and validation accuracy against wall-clock seconds (the sum of time_gen, time_reward, time_train, time_sync)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    panels = [("reward", "val_reward"), ("length",), ("entropy",), ("logp_gap", "kl"), ("val_reward",)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    for k, run in enumerate(runs):
+        rows, clock, color = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))], 0.0, f"C{k}"
+        for r in rows:
+            r["seconds"] = clock
+            clock += sum(r.get(t, 0.0) for t in ("time_gen", "time_reward", "time_train", "time_sync"))
+        for i, (ax, keys) in enumerate(zip(axes, panels)):
+            for key, style in zip(keys, ("-", "--")):
+                x = "seconds" if i == len(panels) - 1 else "step"
+                pts = [(r[x], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]  # no NaN
+                if pts:
+                    ax.plot(*zip(*pts), style, color=color, marker="o" if key.startswith("val") else None, markersize=3,
+                            label=f"{os.path.basename(os.path.normpath(run))} {key}")
+    for i, (ax, keys) in enumerate(zip(axes, panels)):
+        ax.set(title=" / ".join(keys), xlabel="seconds" if i == len(panels) - 1 else "step")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def model_name(path):
     """runs/x/step_000030 -> x_step_000030; meta-llama/Llama-3.1-8B-Instruct -> Llama-3.1-8B-Instruct."""
     parts = os.path.normpath(path).split(os.sep)
@@ -629,6 +660,11 @@ def select_checkpoint(args, rank, device):
 
 def main():
     args = parse_args(Args)
+    if args.plot:
+        missing = [run for run in args.plot if not os.path.exists(os.path.join(run, "metrics.jsonl"))]
+        if missing or not args.out.endswith(".png"):
+            fail(f"--plot: no metrics.jsonl in {missing[0]}" if missing else "--plot needs --out FILE.png")
+        return plot_runs(args.plot, args.out)
     if args.prepare_data:
         return prepare_data(args.prepare_data, args.numina_source, args.wildchat_source, args.seed, args.held_out)
     if args.model:

@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 from common import (all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path, fail,
                     generate, grad_sync, group_dpo_loss, grpo_advantages, grpo_loss, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
-                    make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print0, print_summary,
+                    make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print_summary,
                     resolve, save_checkpoint, setup_dist, step_batch, sync_weights, token_logps, wrap_model)
-from eval import (build_prompt, evaluate, load_reward_model, load_task, score_responses, stop_token_ids, task_means,
-                  task_sums)
+from eval import (build_prompt, evaluate, load_reward_model, load_task, plot_runs, score_responses, stop_token_ids,
+                  task_means, task_sums)
 
 
 @dataclass
@@ -141,8 +141,6 @@ def main():
         copy_weights(ref, model)  # deviation 3
     open_run(args.out, asdict(args) | {"model_path": model_path, "world_size": world, "bf16": bf16, "fsdp": fsdp},
              start, args.overwrite)
-    if ckpt:
-        print0(f"resumed from {ckpt} at step {start}")
     val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, rm=rm)
     keep_gen_state = args.val_every and args.val_every % args.sync != 0  # deviation 2 needs the stale weights
     gen_state, val_history, skipped, skipped_in_row = None, [], 0, 0
@@ -276,6 +274,8 @@ def main():
                            "val_length": val["length"]})
     save_checkpoint(args.out, args.steps, model, tokenizer, optimizer, scheduler)
     print_summary(rank, model, val_history + [(args.steps, val)])
+    if rank == 0:
+        plot_runs([args.out], os.path.join(args.out, "metrics.png"))  # the curves of the paper's Figs. 2-3
 
 
 if __name__ == "__main__":

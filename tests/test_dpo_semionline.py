@@ -55,14 +55,16 @@ def test_torchrun_two_processes(tiny_model, tmp_path, wrap):
     micro-batch, so gradients accumulate over several backwards before the one that all-reduces."""
     out = str(tmp_path / "run")
     small = ["--num_responses" if a == "--n" else a for a in SMALL]  # torchrun would take --n for itself
+    # FSDP as on GPUs: bf16 mixed precision on fp32 shards, activation checkpointing, the reference (sharded too)
+    # refreshed every step after its own forward passes
+    fsdp = ["--fsdp", "true", "--bf16", "true", "--grad_ckpt", "true", "--sync", 1] if wrap == "fsdp" else []
     p = run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 3, "--out", out, *small,
-                   "--micro_batch", 2,
-                   *(["--fsdp"] if wrap == "fsdp" else []), nproc=2)
+                   "--micro_batch", 2, *fsdp, nproc=2)
     prints = dict(re.findall(r"rank (\d) weights fingerprint ([-+\d.e]+)\n", p.stdout + p.stderr))
     assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints
     assert sum(r["pairs"] for r in metrics(out) if "loss" in r) > 0
     # resuming the finished run: the checkpoint (gathered to rank 0's CPU) is read back into both ranks' shards
     p = run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 3, "--out", out, *small,
-                   "--resume", out, *(["--fsdp"] if wrap == "fsdp" else []), nproc=2)
+                   "--resume", out, *fsdp, nproc=2)
     assert "at step 3" in p.stdout
     assert dict(re.findall(r"rank (\d) weights fingerprint ([-+\d.e]+)\n", p.stdout + p.stderr)) == prints
