@@ -179,10 +179,11 @@ def _start_worker(startup_timeout=300.0):
     """A ready worker process, or an error naming why none could start."""
     proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             bufsize=1)
-    if select.select([proc.stdout], [], [], startup_timeout)[0] and proc.stdout.readline() == "ready\n":
+    answered = select.select([proc.stdout], [], [], startup_timeout)[0]
+    if answered and proc.stdout.readline() == "ready\n":
         return proc
-    proc.kill()
-    why = "exited, see its error above" if proc.poll() else f"not ready after {startup_timeout:.0f} s"
+    proc.kill(), proc.wait()
+    why = "exited, see its error above" if answered else f"not ready after {startup_timeout:.0f} s"
     fail(f"Math-Verify could not start (its worker {why}): is math-verify installed? pip install -r requirements.txt")
 
 
