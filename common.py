@@ -113,6 +113,12 @@ def all_reduce(values: dict, op="sum") -> dict:
     return dict(zip(values, t.tolist()))
 
 
+def add_sums(sums, weight, **values):
+    """sums[name] += weight * value for each metric named: a step's sums, all-reduced by name, never by position."""
+    for name, value in values.items():
+        sums[name] = sums.get(name, 0.0) + weight * float(value)
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -410,9 +416,10 @@ def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=25
 # ------------------------------------------------------------------------------------------------
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """Per-pair DPO loss [B] on summed (not length-normalised) response log-probs [B]."""
-    logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(beta * logits)  # eq. 3
+    """Per-pair DPO loss [B] on summed (not length-normalised) response log-probs [B], and its diagnostics [B]:
+    the margin beta * (chosen log-ratio - rejected log-ratio) and whether it is positive (pair accuracy)."""
+    margin = beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps))
+    return -F.logsigmoid(margin), {"margin": margin.detach(), "acc": (margin > 0).float()}  # eq. 3
 
 
 def grpo_advantages(rewards, std_normalize=True, eps=1e-6):
@@ -427,27 +434,27 @@ def grpo_advantages(rewards, std_normalize=True, eps=1e-6):
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, kl_beta, clip_eps):
     """Token-level GRPO loss: per response token, the clipped PPO surrogate plus kl_beta x the k3 estimate of
-    KL(policy || reference); summed over each sequence's response tokens (no length normalisation), then
-    averaged over the B sequences. logps, old_logps (the generator's), ref_logps, completion_mask (bool):
-    [B, T]; advantages: [B]. Returns a scalar."""
+    KL(policy || reference), summed over each sequence's response tokens (no length normalisation: section 3).
+    logps, old_logps (the generator's), ref_logps, completion_mask (bool): [B, T]; advantages: [B]. Returns the
+    per-sequence losses [B] and, per sequence, the response tokens whose ratio was clipped (no gradient) [B]."""
     ratio = torch.exp(logps - old_logps)  # exactly 1 on-policy: the gradient is REINFORCE's, A * grad log p
     a = advantages[:, None]
     surrogate = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)  # PPO clip (beyond the paper)
     log_ref_ratio = ref_logps - logps
     k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # section 3: k3 estimator of the KL to the reference
-    per_token = (-surrogate + kl_beta * k3) * completion_mask
-    return per_token.sum(-1).mean()  # section 3: summed per sequence, averaged over sequences
+    clipped = (((ratio > 1 + clip_eps) & (a > 0)) | ((ratio < 1 - clip_eps) & (a < 0))) & completion_mask
+    return ((-surrogate + kl_beta * k3) * completion_mask).sum(-1), {"clipped": clipped.sum(-1).float()}
 
 
 def group_dpo_loss(policy_logps, ref_logps, rewards, beta):
     """GroupDPO (eq. 4) for one prompt: every correct response (reward 1) paired with every incorrect one
-    (reward 0), DPO loss averaged over the |Y_c| x |Y_r| pairs. policy_logps, ref_logps: summed response
-    log-probs [N]; rewards: [N]. A group without both gives a zero that still carries the graph."""
+    (reward 0). policy_logps, ref_logps: summed response log-probs [N]; rewards: [N]. Returns the DPO loss of
+    each of the |Y_c| x |Y_r| pairs [P] (eq. 4 is their mean; P = 0 without both) and dpo_loss's diagnostics,
+    with each pair's "chosen" and "rejected" response index [P]."""
     correct, incorrect = (rewards == 1).nonzero()[:, 0], (rewards == 0).nonzero()[:, 0]
-    if len(correct) == 0 or len(incorrect) == 0:
-        return policy_logps.sum() * 0
     c, r = correct.repeat_interleave(len(incorrect)), incorrect.repeat(len(correct))  # all |Y_c| x |Y_r| pairs
-    return dpo_loss(policy_logps[c], policy_logps[r], ref_logps[c], ref_logps[r], beta).mean()  # eq. 4
+    losses, diagnostics = dpo_loss(policy_logps[c], policy_logps[r], ref_logps[c], ref_logps[r], beta)
+    return losses, diagnostics | {"chosen": c, "rejected": r}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path, dpo_loss, fail,
-                    generate, grad_sync, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
-                    make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print_summary,
-                    resolve, save_checkpoint, setup_dist, step_batch, sync_weights, token_logps, wrap_model)
+from common import (add_sums, all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path,
+                    dpo_loss, fail, generate, grad_sync, iter_weights, load_checkpoint, load_model, load_tokenizer,
+                    log_metrics, make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args,
+                    print_summary, resolve, save_checkpoint, setup_dist, step_batch, sync_weights, token_logps,
+                    wrap_model)
 from eval import (build_prompt, evaluate, load_reward_model, load_task, plot_runs, score_responses, stop_token_ids,
                   task_means, task_sums)
 
@@ -176,8 +177,7 @@ def main():
         # ---- 5. train: one optimizer step on all pairs of the global batch ----
         t0 = time.time()
         model.train()
-        sums = {k: 0.0 for k in ("loss", "pairs", "tokens", "entropy", "logp_gap", "margin", "acc", "kl",
-                                 "chosen_length", "rejected_length")}
+        sums = {}  # this rank's sums, by metric name, all-reduced below
         micro = [pairs[i:i + args.micro_batch // 2] for i in range(0, len(pairs), args.micro_batch // 2)]
         # every rank runs the same number of forward/backward passes, so collectives stay in step; a rank
         # short of pairs runs a dummy pair with weight 0
@@ -193,9 +193,12 @@ def main():
                 logps, entropy = token_logps(model, input_ids, attn, cmask)
                 with torch.no_grad():
                     ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
+                    gen_logps = torch.zeros_like(logps)  # the generator's log-probs, for logp_gap
+                    gen_logps[cmask] = torch.tensor([x for s in [c for _, c, _ in mb] + [r for _, _, r in mb]
+                                                     for x in s.logprobs], device=device)
                 seq_logps, seq_ref, lengths = logps.sum(-1), ref_logps.sum(-1), cmask.sum(-1)
                 b = len(mb)
-                losses = dpo_loss(seq_logps[:b], seq_logps[b:], seq_ref[:b], seq_ref[b:], args.beta)
+                losses, diag = dpo_loss(seq_logps[:b], seq_logps[b:], seq_ref[:b], seq_ref[b:], args.beta)
                 chosen_tokens = lengths[:b].clamp(min=1)
                 losses = losses + args.nll_coef * (-seq_logps[:b] / chosen_tokens) \
                     - args.entropy_coef * (entropy[:b].sum(-1) / chosen_tokens)
@@ -204,14 +207,10 @@ def main():
                 loss = weight * losses.sum() / len(batch)
                 loss.backward()
             with torch.no_grad():
-                gen_logps = torch.zeros_like(logps)
-                gen_logps[cmask] = torch.tensor([x for s in [c for _, c, _ in mb] + [r for _, _, r in mb]
-                                                 for x in s.logprobs], device=device)
-                margin = args.beta * ((seq_logps[:b] - seq_ref[:b]) - (seq_logps[b:] - seq_ref[b:]))
-                sums = {k: v + weight * x for (k, v), x in zip(sums.items(), (
-                    losses.sum().item(), b, cmask.sum().item(), entropy[cmask].sum().item(),
-                    (logps - gen_logps)[cmask].sum().item(), margin.sum().item(), (margin > 0).sum().item(),
-                    (logps - ref_logps)[cmask].sum().item(), lengths[:b].sum().item(), lengths[b:].sum().item()))}
+                add_sums(sums, weight, loss=losses.sum(), pairs=b, tokens=cmask.sum(), entropy=entropy[cmask].sum(),
+                         logp_gap=(logps - gen_logps)[cmask].sum(), margin=diag["margin"].sum(), acc=diag["acc"].sum(),
+                         kl=(logps - ref_logps)[cmask].sum(), chosen_length=lengths[:b].sum(),
+                         rejected_length=lengths[b:].sum())
         g = all_reduce(sums | task_sums(rows_n, flat) | {
             "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
             "length": sum(len(s.token_ids) for grp in groups for s in grp), "reward_timeouts": timeouts})

@@ -35,10 +35,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path, fail,
-                    generate, grad_sync, group_dpo_loss, grpo_advantages, grpo_loss, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
-                    make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print_summary,
-                    resolve, save_checkpoint, setup_dist, step_batch, sync_weights, token_logps, wrap_model)
+from common import (add_sums, all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path, fail,
+                    generate, grad_sync, group_dpo_loss, grpo_advantages, grpo_loss, iter_weights, load_checkpoint,
+                    load_model, load_tokenizer, log_metrics, make_optimizer, make_sampler, open_run, optimizer_step,
+                    pad_sequences, parse_args, print_summary, resolve, save_checkpoint, setup_dist, step_batch,
+                    sync_weights, token_logps, wrap_model)
 from eval import (build_prompt, evaluate, load_reward_model, load_task, plot_runs, score_responses, stop_token_ids,
                   task_means, task_sums)
 
@@ -202,15 +203,19 @@ def main():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16 and not fsdp):
             policy_seq = torch.cat([token_logps(model, *p)[0].sum(-1) for p in padded])[:len(seqs)].requires_grad_()
             ref_logps = [token_logps(ref, *p)[0] for p in padded]
-        ref_seq, label = torch.cat([r.sum(-1) for r in ref_logps])[:len(seqs)], torch.tensor([x[2] for x in seqs])
-        n = args.n
-        group_dpo = sum((group_dpo_loss(policy_seq[k * n:(k + 1) * n], ref_seq[k * n:(k + 1) * n],
-                                        label[k * n:(k + 1) * n].to(device), args.beta) for k in range(len(mixed))),
-                        policy_seq.sum() * 0)
-        coef = torch.autograd.grad(group_dpo, policy_seq)[0].tolist() + [0.0] * (n_micro * args.micro_batch)
+        ref_seq = torch.cat([r.sum(-1) for r in ref_logps])[:len(seqs)]
+        label = torch.tensor([x[2] for x in seqs], device=device)  # 1 correct, 0 incorrect
+        length = torch.tensor([len(s.token_ids) for _, s, *_ in seqs], dtype=torch.float32, device=device)
+        sums, group_dpo, n = dict.fromkeys(("pairs", "margin", "acc", "chosen_length", "rejected_length"), 0.0), 0.0, args.n
+        for k in range(len(mixed)):  # group k: sequences k*n .. (k+1)*n - 1
+            g = slice(k * n, (k + 1) * n)
+            losses, diag = group_dpo_loss(policy_seq[g], ref_seq[g], label[g], args.beta)
+            group_dpo = group_dpo + losses.mean()  # eq. 4: the mean over the group's |Y_c| x |Y_r| pairs
+            add_sums(sums, 1.0, pairs=len(losses), margin=diag["margin"].sum(), acc=diag["acc"].sum(),
+                     chosen_length=length[g][diag["chosen"]].sum(), rejected_length=length[g][diag["rejected"]].sum())
+        coef = (torch.autograd.grad(group_dpo, policy_seq)[0].tolist() if mixed else []) + [0.0] * n_micro * args.micro_batch
         correct = {i: max(1, labels[i].count(1.0)) for i in mixed}  # NLL / entropy terms: mean over a group's correct
         # (b) each micro-batch: coefficient x log pi(y|x) carries eq. 4's gradient, + alpha x GRPO and the extra terms
-        sums = {k: 0.0 for k in ("loss", "tokens", "entropy", "logp_gap", "kl")}
         for m, (mb, (input_ids, attn, cmask)) in enumerate(zip(micro, padded)):
             weight = 1.0 if m * args.micro_batch < len(seqs) else 0.0
             # around the forward too: DDP decides there whether this backward all-reduces the gradients
@@ -223,7 +228,7 @@ def main():
                 w_correct = torch.tensor([(lab == 1) / correct.get(i, 1) for i, _, lab, _ in mb], device=device)
                 c = torch.tensor(coef[m * args.micro_batch:m * args.micro_batch + len(mb)], device=device)
                 grpo = grpo_loss(logps, gen_logps, ref_logps[m], torch.tensor([x[3] for x in mb], device=device), cmask,
-                                 args.kl_beta, args.clip_eps) * len(mb) / n  # per group: the mean over its n responses
+                                 args.kl_beta, args.clip_eps)[0].sum() / n  # per group: the mean over its n responses
                 rest = args.grpo_alpha * grpo + (w_correct * (args.nll_coef * -logps.sum(-1) / lengths
                                                               - args.entropy_coef * entropy.sum(-1) / lengths)).sum()
                 # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks, so the
@@ -231,17 +236,9 @@ def main():
                 loss = weight * ((c * logps.sum(-1)).sum() + rest) / len(batch)
                 loss.backward()
             with torch.no_grad():
-                sums = {k: v + weight * x for (k, v), x in zip(sums.items(), (
-                    rest.item(), cmask.sum().item(), entropy[cmask].sum().item(), (logps - gen_logps)[cmask].sum().item(),
-                    (logps - ref_logps[m])[cmask].sum().item()))}
-        log_ratio = args.beta * (policy_seq.detach() - ref_seq).view(-1, n)
-        margin = log_ratio[:, :, None] - log_ratio[:, None, :]  # [groups, n, n]: response j over response l
-        is_pair = (label.view(-1, n)[:, :, None] == 1) & (label.view(-1, n)[:, None, :] == 0)
-        length = torch.tensor([len(s.token_ids) for _, s, *_ in seqs], dtype=torch.float32).view(-1, n)
-        sums |= {"loss": sums["loss"] + group_dpo.item(), "pairs": is_pair.sum().item(),
-                 "margin": margin[is_pair].sum().item(), "acc": (margin[is_pair] > 0).sum().item(),
-                 "chosen_length": (length[:, :, None] * is_pair).sum().item(),
-                 "rejected_length": (length[:, None, :] * is_pair).sum().item()}
+                add_sums(sums, weight, loss=rest, tokens=cmask.sum(), entropy=entropy[cmask].sum(),
+                         logp_gap=(logps - gen_logps)[cmask].sum(), kl=(logps - ref_logps[m])[cmask].sum())
+        add_sums(sums, 1.0, loss=group_dpo)
         g = all_reduce(sums | task_sums(rows_n, flat) | {
             "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
             "length": sum(len(s.token_ids) for grp in groups for s in grp), "reward_timeouts": timeouts})

@@ -33,10 +33,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path, fail,
-                    generate, grad_sync, grpo_advantages, grpo_loss, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
-                    make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print_summary,
-                    resolve, save_checkpoint, setup_dist, step_batch, sync_weights, token_logps, wrap_model)
+from common import (add_sums, all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path, fail,
+                    generate, grad_sync, grpo_advantages, grpo_loss, iter_weights, load_checkpoint, load_model,
+                    load_tokenizer, log_metrics, make_optimizer, make_sampler, open_run, optimizer_step,
+                    pad_sequences, parse_args, print_summary, resolve, save_checkpoint, setup_dist, step_batch,
+                    sync_weights, token_logps, wrap_model)
 from eval import (build_prompt, evaluate, load_reward_model, load_task, plot_runs, score_responses, stop_token_ids,
                   task_means, task_sums)
 
@@ -173,7 +174,7 @@ def main():
         # ---- 5. train: one optimizer step on all responses of the global batch ----
         t0 = time.time()
         model.train()
-        sums = {k: 0.0 for k in ("loss", "tokens", "entropy", "logp_gap", "clipped", "kl")}
+        sums = {}  # this rank's sums, by metric name, all-reduced below
         micro = [rollouts[i:i + args.micro_batch] for i in range(0, len(rollouts), args.micro_batch)]
         # every rank runs the same number of forward/backward passes, so collectives stay in step; a rank
         # short of responses runs a dummy one with weight 0
@@ -190,20 +191,17 @@ def main():
                     ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
                     gen_logps = torch.zeros_like(logps)  # the importance ratio's denominator (deviation 4)
                     gen_logps[cmask] = torch.tensor([x for _, s, _ in mb for x in s.logprobs], device=device)
-                adv, b = torch.tensor([a for _, _, a in mb], device=device), len(mb)
-                mean_loss = grpo_loss(logps, gen_logps, ref_logps, adv, cmask, args.kl_beta, args.clip_eps) \
-                    - args.entropy_coef * (entropy.sum(-1) / cmask.sum(-1).clamp(min=1)).mean()
+                adv = torch.tensor([a for _, _, a in mb], device=device)
+                losses, diag = grpo_loss(logps, gen_logps, ref_logps, adv, cmask, args.kl_beta, args.clip_eps)
+                losses = losses - args.entropy_coef * entropy.sum(-1) / cmask.sum(-1).clamp(min=1)
                 # normaliser: this rank's responses; DDP averages over ranks, so the gradient is that of
                 # (sum of per-response losses) / (responses in the global batch)
-                loss = weight * mean_loss * b / len(rollouts)
+                loss = weight * losses.sum() / len(rollouts)
                 loss.backward()
             with torch.no_grad():
-                ratio, a = torch.exp(logps - gen_logps), adv[:, None]
-                clipped = ((ratio > 1 + args.clip_eps) & (a > 0)) | ((ratio < 1 - args.clip_eps) & (a < 0))  # no gradient
-                sums = {k: v + weight * x for (k, v), x in zip(sums.items(), (
-                    mean_loss.item() * b, cmask.sum().item(), entropy[cmask].sum().item(),
-                    (logps - gen_logps)[cmask].sum().item(), clipped[cmask].sum().item(),
-                    (logps - ref_logps)[cmask].sum().item()))}
+                add_sums(sums, weight, loss=losses.sum(), tokens=cmask.sum(), entropy=entropy[cmask].sum(),
+                         logp_gap=(logps - gen_logps)[cmask].sum(), clipped=diag["clipped"].sum(),
+                         kl=(logps - ref_logps)[cmask].sum())
         g = all_reduce(sums | task_sums(rows_n, flat) | {
             "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
             "length": sum(len(s.token_ids) for grp in groups for s in grp), "reward_timeouts": timeouts,

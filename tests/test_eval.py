@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, SHARED, build_tiny_rm, metrics, need_vllm, read_jsonl, run_script
 from eval import arithmetic_task
-from test_dpo_semionline import metrics, need_vllm
 
 # A few rows in each local file's schema (../shared/data/README.md): one-digit products the tiny model was fitted on,
 # so that it gets some of them right
@@ -88,10 +87,6 @@ def test_lc_win_rate_recovers_intercept(slope):
     assert lc_win_rate(np.ones(50), rng.normal(0, 1, 50))[0] > 0.9  # every comparison won: a finite fit, near 1
 
 
-def read_jsonl(path):
-    return [json.loads(l) for l in open(path)]
-
-
 @pytest.mark.parametrize("sampler", ["hf", "vllm"])
 def test_eval_cli_local_benchmarks(tiny_model, tmp_path, sampler):
     """Every local math benchmark (--limit 3, 2 samples) plus alpaca_eval without a reward model (outputs only)."""
@@ -158,9 +153,6 @@ def test_bad_input_fails_before_loading(tmp_path, flags, message):
     assert "Loading weights" not in p.stderr + p.stdout
 
 
-SHARED = os.path.join(ROOT, "..", "shared", "data")
-
-
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="no ../shared/data")
 def test_shared_local_copies_load():
     from eval import load_benchmark
@@ -217,21 +209,9 @@ def test_select_checkpoint(tiny_model, tmp_path):
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
 
 
-def build_tiny_rm(path, tokenizer_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_labels=1,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_alpaca_eval_with_reward_model(tiny_model, tmp_path):
     from eval import lc_win_rate, load_reward_model, rm_scores
-    rm_path = build_tiny_rm(str(tmp_path / "rm"), tiny_model)
+    rm_path, _ = build_tiny_rm(str(tmp_path / "rm"), tiny_model)
     data, out = write_data(tmp_path / "data"), str(tmp_path / "eval")
     p = run_script("eval.py", "--model", tiny_model, "--sampler", "hf", "--benchmarks", "alpaca_eval", "--data_dir", data,
                    "--reward_model", rm_path, "--max_new_tokens", 24, "--out", out)
@@ -261,7 +241,7 @@ def test_arena_hard_answers_and_win_rate(tiny_model, tmp_path):
     """Arena-Hard-Auto's own data/ layout (questions, the GPT-4-0314 baseline's answers) in --data_dir: answers
     written in its model_answer format, and the reward model's win rate against the baseline."""
     from eval import load_reward_model, rm_scores
-    rm_path = build_tiny_rm(str(tmp_path / "rm"), tiny_model)
+    rm_path, _ = build_tiny_rm(str(tmp_path / "rm"), tiny_model)
     data = tmp_path / "data" / "arena-hard-v0.1"
     os.makedirs(data / "model_answer")
     questions = [{"question_id": f"q{k}", "category": "arena-hard-v0.1", "cluster": "c", "turns": [{"content": p}]}

@@ -12,14 +12,15 @@ from eval import load_rows, math_reward, math_rewards
 
 def test_dpo_loss_by_hand():
     # pair 0: margin = (-1 - -2) - (-3 - -2.5) = 1.5 -> -log sigmoid(0.15); pair 1: margin = -2 -> -log sigmoid(-0.2)
-    loss = dpo_loss(torch.tensor([-1.0, -5.0]), torch.tensor([-3.0, -4.0]), torch.tensor([-2.0, -5.0]),
-                    torch.tensor([-2.5, -6.0]), beta=0.1)
+    loss, diag = dpo_loss(torch.tensor([-1.0, -5.0]), torch.tensor([-3.0, -4.0]), torch.tensor([-2.0, -5.0]),
+                          torch.tensor([-2.5, -6.0]), beta=0.1)
     expected = [math.log(1 + math.exp(-0.15)), math.log(1 + math.exp(0.2))]
     assert loss.shape == (2,)
     assert torch.allclose(loss, torch.tensor(expected), atol=1e-6)
+    assert torch.allclose(diag["margin"], torch.tensor([0.15, -0.2])) and diag["acc"].tolist() == [1.0, 0.0]
     # at the reference the loss is log 2 whatever beta, and its gradient pushes chosen up, rejected down
     c, r = torch.tensor([-7.0], requires_grad=True), torch.tensor([-9.0], requires_grad=True)
-    l = dpo_loss(c, r, torch.tensor([-7.0]), torch.tensor([-9.0]), beta=0.5)
+    l, _ = dpo_loss(c, r, torch.tensor([-7.0]), torch.tensor([-9.0]), beta=0.5)
     l.sum().backward()
     assert abs(l.item() - math.log(2)) < 1e-6
     assert c.grad.item() == pytest.approx(-0.25) and r.grad.item() == pytest.approx(0.25)  # -beta/2, +beta/2

@@ -131,7 +131,10 @@ NAN_PATCH = """
 nan_steps, current = {steps}, [0]
 step_batch, dpo_loss = common.step_batch, common.dpo_loss
 common.step_batch = lambda n, step, *a: current.__setitem__(0, step) or step_batch(n, step, *a)
-common.dpo_loss = lambda *a: dpo_loss(*a) * (float("nan") if current[0] in nan_steps else 1.0)
+def nan_dpo_loss(*a):
+    losses, diagnostics = dpo_loss(*a)
+    return losses * (float("nan") if current[0] in nan_steps else 1.0), diagnostics
+common.dpo_loss = nan_dpo_loss
 """
 
 

@@ -5,32 +5,7 @@ import json, math, os, subprocess, sys
 import pytest
 import torch
 
-from conftest import ROOT, run_script
-from test_dpo_semionline import metrics
-
-CLS = 3  # a token id of the tiny vocabulary standing in for Athene's 128003
-
-
-def build_tiny_rm(path, tokenizer_path, athene):
-    """A random LlamaForSequenceClassification; athene=True saves it the way Athene-RM-8B is published:
-    architecture AtheneForSequenceClassification, the head named v_head, a CLS token id in the config."""
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_labels=1, pad_token_id=0)
-    torch.manual_seed(1)
-    model = LlamaForSequenceClassification(config)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    if athene:
-        state = {("v_head." + k[len("score."):] if k.startswith("score.") else k): v.contiguous()
-                 for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        cfg = json.load(open(os.path.join(path, "config.json")))
-        cfg |= {"architectures": ["AtheneForSequenceClassification"], "cls_token_id": CLS}
-        json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
-    return path, model.eval()
+from conftest import CLS, ROOT, build_tiny_rm, metrics, run_script
 
 
 @pytest.fixture(scope="module")
