@@ -216,16 +216,17 @@ def test_sigkill_mid_checkpoint_and_at_a_random_step_then_resume(tiny_model, tmp
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_bf16_compute_moves_fp32_master_weights(tiny_model, tmp_path, device):
+def test_bf16_compute_moves_fp32_master_weights(tiny_model, rm_task, tmp_path, device):
     """One step at the paper's lr 1e-6 with bf16 compute moves nearly every weight; the checkpoint is fp32. With
     bf16 parameters (AdamW updating them in bf16) about 0.5% of them moved, measured on this model."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")
     out = str(tmp_path / "run")
     env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
-    # 16 prompts x 16 responses: a prompt with both a right and a wrong answer forms (almost surely) a pair
+    # reward-model prompts: every prompt's responses get distinct scores, so the step has pairs by construction
     run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 1, "--bf16", "true", "--lr", 1e-6,
-               "--prompts_per_step", 16, "--n", 16, "--max_new_tokens", 48, "--val_size", 4, "--out", out, env=env)
+               "--prompts_per_step", 8, "--n", 4, "--max_new_tokens", 48, "--val_size", 4, "--data", rm_task[0],
+               "--val_data", rm_task[0], "--reward_model", rm_task[1], "--out", out, env=env)
     assert metrics(out)[0]["pairs"] > 0
     from common import load_weights
     seed, trained = load_weights(tiny_model), load_weights(os.path.join(out, "step_000001"))
