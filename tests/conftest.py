@@ -1,9 +1,11 @@
 """A tiny real model, built and fine-tuned on the fly (no hub), for the smoke tests.
 
-A randomly initialised tiny model never writes \\boxed{...}: every reward would be 0, no pair would form
-and the tests would pass vacuously. So it is trained for a few hundred steps on prompts in the scripts'
-own template, answered with the right number 60% of the time: sampled at T=1 it is then right on roughly
-a third of its samples, and rollouts have mixed rewards. head_dim 64, as vLLM's CPU kernels need.
+A randomly initialised tiny model never writes \\boxed{...}: every reward would be 0. So it is trained for a few
+hundred steps on prompts in the scripts' own template, answered with the right number 60% of the time. It learns
+the format, not the arithmetic: sampled at T=1 it is right on a few percent of the embedded task's samples (about
+2% measured), so a Math-Verify step may form no pair at all. Tests that need pairs on every step use `rm_task`:
+prompts scored by a tiny random reward model, where distinct responses get distinct scores. head_dim 64, as
+vLLM's CPU kernels need.
 """
 import importlib.util, json, os, random, subprocess, sys
 
