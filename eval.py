@@ -476,6 +476,8 @@ def prepare_data(out, numina_source, wildchat_source, seed=0, held_out=NUMINA_HE
                       if r["language"] == "English" and not r["toxic"] and not r["redacted"]
                       and r["conversation"] and r["conversation"][0]["role"] == "user"})
     random.Random(seed).shuffle(prompts)
+    if len(prompts) < sum(wildchat):
+        print0(f"WARNING: {len(prompts)} usable WildChat prompts, fewer than {wildchat[0]} + {wildchat[1]} held out")
     files = {"numina_train": train, "numina_val": val, "numina_test": test,
              "wildchat_1k": [{"prompt": p} for p in prompts[:wildchat[0]]],
              "wildchat_val": [{"prompt": p} for p in prompts[wildchat[0]:sum(wildchat)]]}
