@@ -578,5 +578,6 @@ def print_summary(rank, model, val_history):
     fingerprint = sum(t.double().sum().item() for _, t in iter_weights(model))
     sys.stdout.write(f"rank {rank} weights fingerprint {fingerprint:.17g}\n")  # one write: ranks' lines don't interleave
     sys.stdout.flush()
-    for name, (s, v) in zip(("before", "after")[2 - len(val_history[:2]):], val_history[:1] + val_history[-1:]):
+    shown = [("before", val_history[0])] * (len(val_history) > 1) + [("after", val_history[-1])]
+    for name, (s, v) in shown:
         print0(f"val_reward {name} (step {s}): {v['reward']:.3f} +- {v['reward_se']:.3f}  (length {v['length']:.1f})")

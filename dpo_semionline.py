@@ -140,7 +140,9 @@ def main():
 
         # ---- 1. sync the generator (and the reference) every `sync` steps ----
         if step % args.sync == 0 or (step == start and not math.isinf(args.sync)):
-            gen_state = [(k, v.cpu()) for k, v in iter_weights(model, sampler.dtype)] if keep_gen_state else None
+            # a copy of what the generator now holds, for deviation 2 (on a CPU .cpu() would alias the live weights)
+            gen_state = [(k, v.to("cpu", copy=True)) for k, v in iter_weights(model, sampler.dtype)] \
+                if keep_gen_state else None
             row["time_sync"], row["synced"] = sync_weights(sampler, gen_state or iter_weights(model, sampler.dtype)), 1
             if args.ref_sync:
                 copy_weights(ref, model)

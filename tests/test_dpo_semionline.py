@@ -34,6 +34,17 @@ def test_sync_every_2_steps(tiny_model, rm_task, tmp_path, sampler):
     assert json.load(open(os.path.join(out, "args.json")))["sync"] == 2
 
 
+def test_validation_between_syncs_restores_the_stale_generator(tiny_model, rm_task, tmp_path):
+    """--sync 4 --val_every 3: step 3 validates the current policy, then the generator gets the step-0 weights back,
+    so step 3 samples from a generator 3 updates stale (logp_gap away from 0), as steps 1 and 2 did."""
+    out = str(tmp_path / "run")
+    run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 4, "--sync", 4, "--val_every", 3,
+               "--out", out, *SMALL, "--data", rm_task[0], "--val_data", rm_task[0], "--reward_model", rm_task[1])
+    train = [r for r in metrics(out) if "loss" in r]
+    assert [r["synced"] for r in train] == [1, 0, 0, 0] and "val_reward" in train[3]
+    assert all(r["pairs"] > 0 for r in train) and all(abs(r["logp_gap"]) > 1e-3 for r in train[1:]), train
+
+
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
 def test_torchrun_two_processes(tiny_model, rm_task, tmp_path, wrap):
     """2 CPU processes (gloo; DDP, or FSDP2 shards): both ranks end with identical weights. One pair per
