@@ -31,27 +31,26 @@ import json, math, os, random, time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (Sample, add_sums, all_reduce, barrier, check_model_path, check_run_folder, default_model_path,
-                    dpo_loss, fail, generate, grad_sync, iter_weights, load_checkpoint, load_model, load_tokenizer,
-                    log_metrics, make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args,
-                    print0, print_summary, resolve, save_checkpoint, setup_dist, step_batch, sync_weights,
-                    token_logps, wrap_model)
-from eval import (build_prompt, evaluate, load_reward_model, load_task, plot_runs, read_jsonl, score_responses,
-                  stop_token_ids, task_means, task_sums)
+from common import (Sample, add_sums, all_gather, all_reduce, barrier, check_run_folder, dpo_loss,
+                    fail, generate, grad_sync, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
+                    make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print0, resolve,
+                    save_checkpoint, setup_dist, sync_weights, token_logps, wrap_model)
+from eval import (build_prompt, default_model_path, evaluate, load_reward_model, load_task, plot_runs, print_summary,
+                  read_jsonl, score_responses, step_batch, stop_token_ids, task_means, task_sums)
 
 
 @dataclass
 class Args:
-    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M"})
+    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M",
+                                             "model": True})
     data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic; "
                                             "rows without an answer are scored by --reward_model"})
     val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
     pairs: str = field(default="", metadata={"help": "JSONL {prompt, chosen, rejected} (text) to train on; skips phase 1"})
     reward_model: str = field(default="", metadata={"help": "sequence-classification reward model (folder or hub id) "
-                                                    "for rows without an 'answer'"})
+                                                    "for rows without an 'answer'", "model": True})
     val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)", "min": 0})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "longer prompts are dropped at load time", "min": 1})
     steps: int = field(default=30, metadata={"help": "optimizer steps", "min": 1})
@@ -135,9 +134,7 @@ def sample_pairs(args, sampler, tokenizer, train_rows, rm, pairs_file, rank, wor
              "chosen_token_ids": c.token_ids, "rejected_token_ids": r.token_ids, "chosen_logprobs": c.logprobs,
              "rejected_logprobs": r.logprobs}
             for k, c, r in make_pairs(groups, rewards, random.Random(f"{args.seed}-{rank}"))]
-    gathered = [rows] * world
-    if world > 1:
-        dist.all_gather_object(gathered, rows)
+    gathered = all_gather(rows)
     g = all_reduce(task_sums(rows_n, flat) | {"rollouts": len(flat), "reward": sum(flat), "reward_timeouts": timeouts,
                                               "length": sum(len(s.token_ids) for grp in groups for s in grp)})
     metrics |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"],
@@ -168,8 +165,6 @@ def main():
     # impossible flag combinations fail here, before any model loads
     if args.prompts_per_step % world:
         fail(f"--prompts_per_step {args.prompts_per_step}: must divide over the {world} ranks")
-    if args.model:
-        check_model_path(args.model)
     data = read_pairs(args.pairs) if args.pairs else None  # a bad pair file fails here, before any model loads
     ckpt = check_run_folder(args.out, args.resume, args.overwrite)
     rank, world, device = setup_dist()

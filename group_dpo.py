@@ -35,23 +35,23 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (add_sums, all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path, fail,
-                    generate, grad_sync, group_dpo_loss, grpo_advantages, grpo_loss, iter_weights, load_checkpoint,
-                    load_model, load_tokenizer, log_metrics, make_optimizer, make_sampler, open_run, optimizer_step,
-                    pad_sequences, parse_args, print_summary, resolve, save_checkpoint, setup_dist, step_batch,
-                    sync_weights, token_logps, wrap_model)
-from eval import (build_prompt, evaluate, load_reward_model, load_task, plot_runs, score_responses, stop_token_ids,
-                  task_means, task_sums)
+from common import (add_sums, all_reduce, check_run_folder, copy_weights, dpo_loss, fail, generate,
+                    grad_sync, grpo_advantages, grpo_loss, iter_weights, load_checkpoint, load_model, load_tokenizer,
+                    log_metrics, make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args,
+                    resolve, save_checkpoint, setup_dist, sync_weights, token_logps, wrap_model)
+from eval import (build_prompt, default_model_path, evaluate, load_reward_model, load_task, plot_runs, print_summary,
+                  score_responses, step_batch, stop_token_ids, task_means, task_sums)
 
 
 @dataclass
 class Args:
-    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M"})
+    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M",
+                                             "model": True})
     data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic; "
                                             "rows without an answer are scored by --reward_model"})
     val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
     reward_model: str = field(default="", metadata={"help": "sequence-classification reward model (folder or hub id) "
-                                                    "for rows without an 'answer'"})
+                                                    "for rows without an 'answer'", "model": True})
     val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)", "min": 0})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "longer prompts are dropped at load time", "min": 1})
     steps: int = field(default=30, metadata={"help": "optimizer steps", "min": 1})
@@ -108,14 +108,23 @@ def group_labels(rewards):
     return labels, [i for i, l in enumerate(labels) if 1 in l and 0 in l]
 
 
+def group_dpo_loss(policy_logps, ref_logps, rewards, beta):
+    """GroupDPO (eq. 4) for one prompt: every correct response (reward 1) paired with every incorrect one (0).
+    policy_logps, ref_logps: summed response log-probs [N]; rewards: [N]. Returns the DPO loss of each of the
+    |Y_c| x |Y_r| pairs [P] (eq. 4 is their mean; P = 0 without both) and dpo_loss's diagnostics, with each
+    pair's "chosen" and "rejected" response index [P]."""
+    correct, incorrect = (rewards == 1).nonzero()[:, 0], (rewards == 0).nonzero()[:, 0]
+    c, r = correct.repeat_interleave(len(incorrect)), incorrect.repeat(len(correct))  # all |Y_c| x |Y_r| pairs
+    losses, diagnostics = dpo_loss(policy_logps[c], policy_logps[r], ref_logps[c], ref_logps[r], beta)
+    return losses, diagnostics | {"chosen": c, "rejected": r}
+
+
 def main():
     args = parse_args(Args)
     world = int(os.environ.get("WORLD_SIZE", 1))
     # impossible flag combinations fail here, before any model loads
     if args.prompts_per_step % world:
         fail(f"--prompts_per_step {args.prompts_per_step}: must divide over the {world} ranks")
-    if args.model:
-        check_model_path(args.model)
     ckpt = check_run_folder(args.out, args.resume, args.overwrite)
     rank, world, device = setup_dist()
     cuda = device.type == "cuda"

@@ -33,23 +33,23 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from common import (add_sums, all_reduce, check_model_path, check_run_folder, copy_weights, default_model_path, fail,
-                    generate, grad_sync, grpo_advantages, grpo_loss, iter_weights, load_checkpoint, load_model,
-                    load_tokenizer, log_metrics, make_optimizer, make_sampler, open_run, optimizer_step,
-                    pad_sequences, parse_args, print_summary, resolve, save_checkpoint, setup_dist, step_batch,
-                    sync_weights, token_logps, wrap_model)
-from eval import (build_prompt, evaluate, load_reward_model, load_task, plot_runs, score_responses, stop_token_ids,
-                  task_means, task_sums)
+from common import (add_sums, all_reduce, check_run_folder, copy_weights, fail, generate, grad_sync,
+                    grpo_advantages, grpo_loss, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
+                    make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, resolve,
+                    save_checkpoint, setup_dist, sync_weights, token_logps, wrap_model)
+from eval import (build_prompt, default_model_path, evaluate, load_reward_model, load_task, plot_runs, print_summary,
+                  score_responses, step_batch, stop_token_ids, task_means, task_sums)
 
 
 @dataclass
 class Args:
-    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M"})
+    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M",
+                                             "model": True})
     data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic; "
                                             "rows without an answer are scored by --reward_model"})
     val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
     reward_model: str = field(default="", metadata={"help": "sequence-classification reward model (folder or hub id) "
-                                                    "for rows without an 'answer'"})
+                                                    "for rows without an 'answer'", "model": True})
     val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)", "min": 0})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "longer prompts are dropped at load time", "min": 1})
     steps: int = field(default=30, metadata={"help": "optimizer steps", "min": 1})
@@ -98,8 +98,6 @@ def main():
     # impossible flag combinations fail here, before any model loads
     if args.prompts_per_step % world:
         fail(f"--prompts_per_step {args.prompts_per_step}: must divide over the {world} ranks")
-    if args.model:
-        check_model_path(args.model)
     ckpt = check_run_folder(args.out, args.resume, args.overwrite)
     rank, world, device = setup_dist()
     cuda = device.type == "cuda"

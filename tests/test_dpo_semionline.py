@@ -60,7 +60,8 @@ def test_torchrun_two_processes(tiny_model, rm_task, tmp_path, wrap):
                    "--micro_batch", 2, *fsdp, nproc=2)
     prints = dict(re.findall(r"rank (\d) weights fingerprint ([-+\d.e]+)\n", p.stdout + p.stderr))
     assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints
-    assert all(r["pairs"] > 0 for r in metrics(out) if "loss" in r)
+    train = [r for r in metrics(out) if "loss" in r]
+    assert len(train) == 3 and all(r["pairs"] > 0 for r in train), train
     # resuming the finished run: the checkpoint (gathered to rank 0's CPU) is read back into both ranks' shards
     p = run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", "--steps", 3, "--out", out, *small,
                    "--resume", out, *fsdp, nproc=2)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHARED
-from common import dpo_loss, pad_sequences, step_batch, token_logps
-from eval import load_rows, math_reward, math_rewards
+from common import dpo_loss, pad_sequences, token_logps
+from eval import load_rows, math_reward, math_rewards, step_batch
 
 
 def test_dpo_loss_by_hand():

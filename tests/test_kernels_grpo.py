@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from common import dpo_loss, group_dpo_loss, grpo_advantages, grpo_loss
+from common import dpo_loss, grpo_advantages, grpo_loss
+from group_dpo import group_dpo_loss
 
 
 def test_grpo_advantages_by_hand():

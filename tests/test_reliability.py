@@ -6,11 +6,9 @@ import hashlib, json, os, random, signal, subprocess, sys, time
 import pytest
 import torch
 
-from conftest import ROOT, run_script
-from test_dpo_semionline import metrics
+from conftest import ROOT, SMALL, metrics, run_script
 
-# --bf16 false: on a GPU too, trainer and HF generator compute alike (the logp_gap checks need it)
-SMALL = ["--bf16", "false", "--prompts_per_step", 8, "--n", 4, "--max_new_tokens", 48, "--val_size", 8]
+SMALL = SMALL[:SMALL.index("--lr")]  # the scripts' own learning rate: these runs check plumbing, not learning
 FILES = {"bad3.jsonl": b'{"problem": "1 + 1", "answer": "2"}\n{"problem": "2 + 2", "answer": "4"}\n{"problem": \n',
          "latin1.jsonl": b'{"problem": "1 + 1", "answer": "2"}\n{"problem": "caf\xe9", "answer": "1"}\n',
          "empty.jsonl": b"", "noanswer.jsonl": b'{"problem": "1 + 1", "answer": "2"}\n{"problem": "Tell a joke."}\n',
@@ -120,7 +118,7 @@ def run_patched(tmp_path, patch, script, *args):
     """Runs a script as `python script.py` with `patch` (Python source) applied to the modules first: faults are
     injected from the test, the scripts hold no hook for them."""
     wrapper = tmp_path / "patched.py"
-    wrapper.write_text(f"import runpy, sys, time\nsys.path.insert(0, {ROOT!r})\nimport common, torch\n{patch}\n"
+    wrapper.write_text(f"import runpy, sys, time\nsys.path.insert(0, {ROOT!r})\nimport common, eval, torch\n{patch}\n"
                        f"sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
     return subprocess.Popen([sys.executable, str(wrapper), os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,8 +127,8 @@ def run_patched(tmp_path, patch, script, *args):
 # the loss of every micro-batch of the listed steps becomes NaN (step read where the loop asks for its batch)
 NAN_PATCH = """
 nan_steps, current = {steps}, [0]
-step_batch, dpo_loss = common.step_batch, common.dpo_loss
-common.step_batch = lambda n, step, *a: current.__setitem__(0, step) or step_batch(n, step, *a)
+step_batch, dpo_loss = eval.step_batch, common.dpo_loss
+eval.step_batch = lambda n, step, *a: current.__setitem__(0, step) or step_batch(n, step, *a)
 def nan_dpo_loss(*a):
     losses, diagnostics = dpo_loss(*a)
     return losses * (float("nan") if current[0] in nan_steps else 1.0), diagnostics
@@ -162,7 +160,7 @@ def test_three_nans_in_a_row_stop_the_run(tiny_model, tmp_path):
     good = load_weights(os.path.join(out, "step_000001"))
     for c in checkpoints(out):  # every update after step 0 was skipped: the same finite weights throughout
         w = load_weights(c)
-        assert all(torch.isfinite(v).all() and torch.equal(v, good[k]) for k, v in w.items())
+        assert w and all(torch.isfinite(v).all() and torch.equal(v, good[k]) for k, v in w.items())
     assert [r["skipped_steps"] for r in metrics(out) if "loss" in r] == [0, 1, 2, 3]
 
 
@@ -230,7 +228,7 @@ def test_bf16_compute_moves_fp32_master_weights(tiny_model, rm_task, tmp_path, d
     assert metrics(out)[0]["pairs"] > 0
     from common import load_weights
     seed, trained = load_weights(tiny_model), load_weights(os.path.join(out, "step_000001"))
-    assert all(v.dtype == torch.float32 for v in trained.values())
+    assert trained and all(v.dtype == torch.float32 for v in trained.values())
     names = [k for k in seed if "embed_tokens" not in k]
     moved = sum((seed[k] != trained[k]).sum().item() for k in names) / sum(seed[k].numel() for k in names)
     assert moved >= 0.95, moved
