@@ -32,6 +32,7 @@ MATRIX = [
     ("dpo_semionline.py", ["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
     ("dpo_semionline.py", ["--bf16", "maybe"], "argument --bf16: invalid true_or_false value: 'maybe'"),
     ("dpo_semionline.py", ["--model", "/nonexistent"], "--model /nonexistent: no such model folder"),
+    ("grpo.py", ["--reward_model", "./no_rm"], "--reward_model ./no_rm: no such model folder"),
     ("dpo_semionline.py", ["--sync_every", "5"], "unrecognized arguments: --sync_every 5"),
     ("dpo_semionline.py", ["--data", "{tmp}/bad3.jsonl"], "bad3.jsonl:3: not valid JSON"),
     ("dpo_semionline.py", ["--data", "{tmp}/latin1.jsonl"], "latin1.jsonl:2: not UTF-8 text"),
