@@ -566,8 +566,9 @@ def plot_runs(runs, path):
             for key, style in zip(keys, ("-", "--")):
                 pts = [(r[x], r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]  # no NaN
                 if pts:
-                    ax.plot(*zip(*pts), style, color=f"C{k}", marker="o" if key.startswith("val") else None,
-                            markersize=3, label=f"{os.path.basename(os.path.normpath(run))} {key}")
+                    dots = key.startswith("val") or len(pts) == 1  # e.g. offline DPO samples once, at step 0
+                    ax.plot(*zip(*pts), style, color=f"C{k}", marker="o" if dots else None, markersize=3,
+                            label=f"{os.path.basename(os.path.normpath(run))} {key}")
     for ax, (x, *keys) in zip(axes, panels):
         ax.set(title=" / ".join(keys), xlabel=x)
         ax.legend(fontsize=6)
