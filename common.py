@@ -1,7 +1,7 @@
 """Plumbing shared by the training scripts, the initialisation we keep doing over and over: flags, torchrun, models,
 the sampler (vLLM, or transformers `generate`) and its weight sync, the log-prob and loss kernels, checkpoints.
 Functions take plain arguments; the task (prompts, data, rewards) is in eval.py. Paper: arXiv 2506.21495."""
-import argparse, contextlib, dataclasses, glob, json, math, os, random, shutil, sys, time
+import argparse, atexit, contextlib, dataclasses, glob, json, math, os, random, shutil, sys, time
 
 import torch
 import torch.distributed as dist
@@ -74,6 +74,7 @@ def setup_dist():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)  # a process leaving with gloo's threads alive can abort (SIGABRT)
     return rank, world, device
 
 
@@ -439,9 +440,8 @@ def load_checkpoint(path, model, optimizer, scheduler):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     rank0 = int(os.environ.get("RANK", 0)) == 0
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, mmap=True)
-    # strict=False: tied weights are saved once
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
-    set_model_state_dict(model, load_weights(path) if rank0 else {}, options=opts)
+    set_model_state_dict(model, load_weights(path) if rank0 else {}, options=opts)  # strict=False: tied, saved once
     set_optimizer_state_dict(model, optimizer, state["optimizer"] if rank0 else {}, options=opts)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
