@@ -52,7 +52,7 @@ class Args:
     val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
     reward_model: str = field(default="", metadata={"help": "sequence-classification reward model (folder or hub id) "
                                                     "for rows without an 'answer'", "model": True})
-    val_size: int = field(default=100, metadata={"help": "validation problems used (0: all)", "min": 0})
+    val_size: int = field(default=250, metadata={"help": "validation problems used (0: all)", "min": 0})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "longer prompts are dropped at load time", "min": 1})
     steps: int = field(default=30, metadata={"help": "optimizer steps", "min": 1})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)", "min": 1})
@@ -175,7 +175,8 @@ def main():
             val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
             if not row["synced"]:
                 sync_weights(sampler, gen_state)
-            row |= {"val_reward": val["reward"], "val_reward_se": val["reward_se"], "val_length": val["length"]}
+            row |= {"val_reward": val["reward"], "val_reward_se": val["reward_se"], "val_length": val["length"],
+                    "time_val": val["seconds"]}
             val_history.append((step, val))
 
         # ---- 2. generate: n responses for each of this rank's prompts ----
@@ -279,7 +280,7 @@ def main():
     sync_weights(sampler, iter_weights(model, sampler.dtype))
     val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
     log_metrics(args.out, {"step": args.steps, "val_reward": val["reward"], "val_reward_se": val["reward_se"],
-                           "val_length": val["length"]})
+                           "val_length": val["length"], "time_val": val["seconds"]})
     save_checkpoint(args.out, args.steps, model, tokenizer, optimizer, scheduler)
     print_summary(rank, model, val_history + [(args.steps, val)])
     if rank == 0:

@@ -87,6 +87,31 @@ def test_lc_win_rate_recovers_intercept(slope):
     assert lc_win_rate(np.ones(50), rng.normal(0, 1, 50))[0] > 0.9  # every comparison won: a finite fit, near 1
 
 
+def test_plot_summarizes_seeds(tmp_path):
+    """eval.py --plot on two seeds of one method and one of another: the figure, and the study table's mean +- SE
+    over seeds, gain, entropy of the last 10 steps (a step without pairs logs 0: left out) and median minutes."""
+    def run(name, before, after, entropies):
+        os.makedirs(tmp_path / name)
+        rows = [{"step": 0, "val_reward": before, "val_reward_se": 0.02, "val_length": 9.0, "time_val": 30.0}]
+        rows[0] |= {"entropy": entropies[0], "time_gen": 6.0, "time_train": 24.0}
+        rows += [{"step": s, "entropy": e, "time_gen": 6.0, "time_train": 24.0} for s, e in enumerate(entropies[1:], 1)]
+        rows += [{"step": len(entropies), "val_reward": after, "val_reward_se": 0.03, "val_length": 7.0, "time_val": 30.0}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+    runs = [run("a_seed0", 0.3, 0.5, [0.9] * 8 + [0.2, 0.0] + [0.3] * 8), run("a_seed1", 0.4, 0.5, [0.5] * 20),
+            run("b_seed0", 0.3, 0.35, [0.1] * 20)]
+    p = run_script("eval.py", "--plot", *runs, "--out", tmp_path / "study.png")
+    assert os.path.getsize(tmp_path / "study.png") > 10000
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in p.stdout.splitlines() if "|" in line}
+    a, b = table["a"], table["b"]
+    # a: before 0.3, 0.4 -> 0.35 +- 0.05; after 0.5, 0.5; gain 0.2, 0.1 -> 0.15 +- 0.05; entropy of steps 8-17 of
+    # seed 0: (0.2 + 8 x 0.3) / 9 = 0.2889 (step 9's 0 left out), of steps 10-19 of seed 1: 0.5 -> 0.394 +- 0.106
+    assert a[:5] == ["2", "0.350 +- 0.050", "0.500 +- 0.000", "0.150 +- 0.050", "0.394 +- 0.106"], a
+    # val length 7, one run's SE 0.03; minutes: 18 steps x 30 s + 2 x 30 s = 10 min, 20 steps: 11 min -> 10.5
+    assert a[5:] == ["7.000 +- 0.000", "0.030", "10.5 |"], a
+    assert b[:4] == ["1", "0.300 +- nan", "0.350 +- nan", "0.050 +- nan"] and b[-1] == "11.0 |", b
+
+
 @pytest.mark.parametrize("sampler", ["hf", "vllm"])
 def test_eval_cli_local_benchmarks(tiny_model, tmp_path, sampler):
     """Every local math benchmark (--limit 3, 2 samples) plus alpaca_eval without a reward model (outputs only)."""
