@@ -108,10 +108,13 @@ def test_grpo_torchrun_two_processes(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("script, extra", [("grpo.py", ["--sync", 1]), ("group_dpo.py", ["--sync", 1]),
                                            ("dpo_offline.py", [])])
-def test_vllm_smoke(tiny_model, tmp_path, script, extra):
-    """One short run per script with the real vLLM engine; right after a sync the engines agree closely."""
+def test_vllm_smoke(tiny_model, rm_task, tmp_path, script, extra):
+    """One short run per script with the real vLLM engine; right after a sync the engines agree closely. Offline
+    DPO's phase 1 must find pairs (it stops otherwise): its prompts are scored by the tiny reward model (rm_task)."""
     need_vllm()
     out = str(tmp_path / "run")
+    if script == "dpo_offline.py":
+        extra = ["--data", rm_task[0], "--reward_model", rm_task[1]]
     p = run_script(script, "--model", tiny_model, "--sampler", "vllm", "--steps", 2, "--out", out, *extra, *SMALL)
     train = check_run(out, p, 2, {"step", "loss", "logp_gap", "kl", "entropy", "time_train"})
     if script != "dpo_offline.py":
