@@ -589,7 +589,9 @@ def summarize_runs(runs):
     """A markdown table, a row per method (runs named <method>_seed<k>, as the README's study names them): mean +- SE
     over seeds of val accuracy before and after, its gain, the entropy of the last 10 steps (those that trained on a
     token: a step without a DPO pair logs 0) and the final val length; one run's SE; median minutes of logged time
-    (steps and validations; loading the models, about a minute per launch, is not logged)."""
+    (steps and validations) and of wall clock (<run>/wall_seconds, a line per launch, written by the study command).
+    A second table: val accuracy after, row minus column, paired by seed (regimes of one seed share the val set),
+    mean +- SE over seeds; * where the difference exceeds 2 SE."""
     def mean_se(xs):
         m = sum(xs) / len(xs)
         return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else float("nan")
@@ -602,14 +604,22 @@ def summarize_runs(runs):
             "entropy": np.mean([r["entropy"] for r in rows if r["step"] >= last - 10 and r.get("entropy", 0) > 0] or [np.nan]),
             "length": val[-1]["val_length"], "se": val[-1]["val_reward_se"],
             "minutes": sum(r.get(k, 0.0) for r in rows for k in ("time_gen", "time_reward", "time_train", "time_sync",
-                                                                   "time_val")) / 60})
+                                                                   "time_val")) / 60, "seed": os.path.basename(os.path.normpath(run))[len(method_name(run)):],
+            "wall": sum(map(float, open(wall))) / 60 if os.path.exists(wall := os.path.join(run, "wall_seconds")) else np.nan})
     keys = ["before", "after", "gain", "entropy", "length"]
     lines = ["| method | runs | val before | val after | gain | entropy, last 10 steps | val length after | one run's SE "
-             "| minutes per run (median) |", "|" + " --- |" * 9]
+             "| minutes per run, logged (median) | wall clock (median) |", "|" + " --- |" * 10]
     for name, rs in methods.items():
         cells = ["%.3f +- %.3f" % mean_se([r[k] for r in rs]) for k in keys]
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {np.mean([r['se'] for r in rs]):.3f} | "
-                     f"{np.median([r['minutes'] for r in rs]):.1f} |")
+                     f"{np.median([r['minutes'] for r in rs]):.1f} | {np.median([r['wall'] for r in rs]):.1f} |")
+    after = {name: {r["seed"]: r["after"] for r in rs} for name, rs in methods.items()}
+    lines += ["", "| val after: row - column | " + " | ".join(methods) + " |", "|" + " --- |" * (len(methods) + 1)]
+    for a in methods:
+        diffs = [[after[a][k] - after[b][k] for k in after[a] if k in after[b]] for b in methods]
+        cells = ["%+.3f +- %.3f%s" % (m, se, "*" if abs(m) > 2 * se else "") if a != b and d else ""
+                 for b, d in zip(methods, diffs) for m, se in [mean_se(d) if d else (0, 0)]]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -99,17 +99,25 @@ def test_plot_summarizes_seeds(tmp_path):
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return str(tmp_path / name)
     runs = [run("a_seed0", 0.3, 0.5, [0.9] * 8 + [0.2, 0.0] + [0.3] * 8), run("a_seed1", 0.4, 0.5, [0.5] * 20),
-            run("b_seed0", 0.3, 0.35, [0.1] * 20)]
+            run("b_seed0", 0.3, 0.35, [0.1] * 20), run("b_seed1", 0.4, 0.3, [0.1] * 20)]
+    (tmp_path / "a_seed0" / "wall_seconds").write_text("600\n120\n")  # two launches: 12 min
+    (tmp_path / "a_seed1" / "wall_seconds").write_text("840\n")
     p = run_script("eval.py", "--plot", *runs, "--out", tmp_path / "study.png")
     assert os.path.getsize(tmp_path / "study.png") > 10000
-    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in p.stdout.splitlines() if "|" in line}
+    tables = p.stdout.split("\n\n")
+    assert len(tables) == 2, p.stdout
+    table, diff = ({line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in t.splitlines() if "|" in line}
+                   for t in tables)
     a, b = table["a"], table["b"]
     # a: before 0.3, 0.4 -> 0.35 +- 0.05; after 0.5, 0.5; gain 0.2, 0.1 -> 0.15 +- 0.05; entropy of steps 8-17 of
     # seed 0: (0.2 + 8 x 0.3) / 9 = 0.2889 (step 9's 0 left out), of steps 10-19 of seed 1: 0.5 -> 0.394 +- 0.106
     assert a[:5] == ["2", "0.350 +- 0.050", "0.500 +- 0.000", "0.150 +- 0.050", "0.394 +- 0.106"], a
     # val length 7, one run's SE 0.03; minutes: 18 steps x 30 s + 2 x 30 s = 10 min, 20 steps: 11 min -> 10.5
-    assert a[5:] == ["7.000 +- 0.000", "0.030", "10.5 |"], a
-    assert b[:4] == ["1", "0.300 +- nan", "0.350 +- nan", "0.050 +- nan"] and b[-1] == "11.0 |", b
+    # wall clock: 12 and 14 min -> 13; b has no wall_seconds
+    assert a[5:] == ["7.000 +- 0.000", "0.030", "10.5", "13.0 |"], a
+    assert b[:4] == ["2", "0.350 +- 0.050", "0.325 +- 0.025", "-0.025 +- 0.075"] and b[-2:] == ["11.0", "nan |"], b
+    # after, a - b paired by seed: 0.5 - 0.35 = 0.15 and 0.5 - 0.3 = 0.2 -> 0.175 +- 0.025, over 2 SE: starred
+    assert diff["a"] == ["", "+0.175 +- 0.025* |"] and diff["b"] == ["-0.175 +- 0.025*", " |"], diff
 
 
 @pytest.mark.parametrize("sampler", ["hf", "vllm"])
