@@ -295,3 +295,20 @@ def test_prepare_data_from_local_files(tiny_model, tmp_path):
                "--grad_clip", 0.1, "--beta", 0.1, "--micro_batch", 2, "--vllm_memory", 0.3, "--val_every", 100,
                "--save_every", 100, "--out", out)
     assert [r["step"] for r in metrics(out)] == [0, 1]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")
+def test_process_group_is_destroyed_at_exit(tiny_model, tmp_path):
+    """2 ranks: setup_dist, then what every script does next (load the tokenizer, which imports torch._dynamo),
+    then the exit's destroy_process_group: no gloo thread may outlive it (one that did aborted the exit, SIGABRT)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"import atexit, os, sys\nsys.path.insert(0, {ROOT!r})\n"
+                     "from common import all_gather, load_tokenizer, setup_dist\n"
+                     "def gloo_threads():  # runs after setup_dist's own exit handler, destroy_process_group\n"
+                     "    names = [open(f'/proc/self/task/{t}/comm').read() for t in os.listdir('/proc/self/task')]\n"
+                     "    sys.stdout.write(f'gloo threads after destroy: {sum(\"gloo\" in n for n in names)}\\n')\n"
+                     f"atexit.register(gloo_threads); setup_dist(); load_tokenizer({tiny_model!r}); all_gather(1)\n")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe)],
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("gloo threads after destroy: 0") == 2, p.stdout
