@@ -616,9 +616,11 @@ def summarize_runs(runs):
     after = {name: {r["seed"]: r["after"] for r in rs} for name, rs in methods.items()}
     lines += ["", "| val after: row - column | " + " | ".join(methods) + " |", "|" + " --- |" * (len(methods) + 1)]
     for a in methods:
-        diffs = [[after[a][k] - after[b][k] for k in after[a] if k in after[b]] for b in methods]
-        cells = ["%+.3f +- %.3f%s" % (m, se, "*" if abs(m) > 2 * se else "") if a != b and d else ""
-                 for b, d in zip(methods, diffs) for m, se in [mean_se(d) if d else (0, 0)]]
+        cells = []
+        for b in methods:
+            d = [after[a][k] - after[b][k] for k in after[a] if k in after[b]] if a != b else []
+            m, se = mean_se(d) if d else (0, 0)
+            cells.append("%+.3f +- %.3f%s" % (m, se, "*" if abs(m) > 2 * se else "") if d else "")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

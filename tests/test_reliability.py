@@ -308,7 +308,5 @@ def test_process_group_is_destroyed_at_exit(tiny_model, tmp_path):
                      "    names = [open(f'/proc/self/task/{t}/comm').read() for t in os.listdir('/proc/self/task')]\n"
                      "    sys.stdout.write(f'gloo threads after destroy: {sum(\"gloo\" in n for n in names)}\\n')\n"
                      f"atexit.register(gloo_threads); setup_dist(); load_tokenizer({tiny_model!r}); all_gather(1)\n")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe)],
-                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_script(probe, nproc=2, timeout=300)  # an absolute path: os.path.join keeps it
     assert p.stdout.count("gloo threads after destroy: 0") == 2, p.stdout
