@@ -1,6 +1,6 @@
 """Plumbing shared by the training scripts, the initialisation we keep doing over and over: flags, torchrun, models,
 the sampler (vLLM, or transformers `generate`) and its weight sync, the log-prob and loss kernels, checkpoints.
-Functions take plain arguments; the task (prompts, data, rewards) is in eval.py. Paper: arXiv 2506.21495."""
+Functions take plain arguments; the task is in data.py (prompts, rows) and eval.py (rewards). Paper: arXiv 2506.21495."""
 import argparse, atexit, contextlib, dataclasses, glob, importlib.util, json, math, os, random, shutil, sys, time
 
 import torch

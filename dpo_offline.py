@@ -37,8 +37,8 @@ from common import (Sample, add_sums, all_gather, all_reduce, barrier, check_run
                     fail, generate, grad_sync, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics,
                     make_optimizer, make_sampler, open_run, optimizer_step, pad_sequences, parse_args, print0, resolve,
                     save_checkpoint, setup_dist, sync_weights, token_logps, wrap_model)
-from eval import (build_prompt, default_model_path, evaluate, load_reward_model, load_task, plot_runs, print_summary,
-                  read_jsonl, score_responses, step_batch, stop_token_ids, task_means, task_sums)
+from data import build_prompt, default_model_path, load_task, read_jsonl, step_batch, stop_token_ids
+from eval import evaluate, load_reward_model, plot_runs, print_summary, score_responses, task_means, task_sums
 
 
 @dataclass

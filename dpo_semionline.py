@@ -30,8 +30,8 @@ from common import (add_sums, all_reduce, check_run_folder, copy_weights, dpo_lo
                     grad_sync, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics, make_optimizer,
                     make_sampler, open_run, optimizer_step, pad_sequences, parse_args, resolve, save_checkpoint,
                     setup_dist, sync_weights, token_logps, wrap_model)
-from eval import (build_prompt, default_model_path, evaluate, load_reward_model, load_task, plot_runs, print_summary,
-                  score_responses, step_batch, stop_token_ids, task_means, task_sums)
+from data import build_prompt, default_model_path, load_task, step_batch, stop_token_ids
+from eval import evaluate, load_reward_model, plot_runs, print_summary, score_responses, task_means, task_sums
 
 
 @dataclass

@@ -38,7 +38,7 @@ def metrics(out):
 def build_tiny_model(path, steps=300, seed=0):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from eval import FEWSHOT_TEMPLATE, arithmetic_task
+    from data import FEWSHOT_TEMPLATE, arithmetic_task
     rng = random.Random(seed)
     train, _ = arithmetic_task(seed)
     def example(row):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED, build_tiny_rm, metrics, need_vllm, read_jsonl, run_script
-from eval import arithmetic_task
+from data import arithmetic_task
 
 # A few rows in each local file's schema (../shared/data/README.md): one-digit products the tiny model was fitted on,
 # so that it gets some of them right
@@ -40,7 +40,8 @@ def write_data(folder):
 
 
 def test_gsm8k_answer_and_last_boxed():
-    from eval import gsm8k_answer, last_boxed
+    from data import last_boxed
+    from eval import gsm8k_answer
     assert gsm8k_answer("She pays 1,000 + 234 = <<1000+234=1234>>1234.\n#### 1,234") == "1234"
     assert gsm8k_answer("18") == "18" and gsm8k_answer("#### -3.5") == "-3.5"
     assert last_boxed("so $\\boxed{1}$, then $\\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
@@ -50,7 +51,7 @@ def test_gsm8k_answer_and_last_boxed():
 
 def test_numina_filter():
     """Synthetic NuminaMath-CoT rows through the paper's filter (the real split needs the hub)."""
-    import eval
+    import data
     good = [{"problem": f"Compute {k} + 1.", "solution": f"It is $\\boxed{{{k + 1}}}$.", "source": "olympiads"}
             for k in range(6)]
     bad = [{"problem": "Compute 1 + 1.", "solution": "$\\boxed{2}$", "source": s}
@@ -62,12 +63,12 @@ def test_numina_filter():
         {"problem": "Which is larger? (A) 1 (B) 2 (C) 3", "solution": "$\\boxed{3}$", "source": "amc_aime"},
         {"problem": "Which set is empty?\nA: {1}\nB: {}\nC: {2}", "solution": "$\\boxed{B}$", "source": "cn_k12"},
         {"problem": "Pick the right one.", "solution": "$\\boxed{\\text{(D)}}$", "source": "olympiads"}]
-    train, val, test = eval.numina_splits(bad + good + [dict(good[0])], seed=0, held_out=2)
+    train, val, test = data.numina_splits(bad + good + [dict(good[0])], seed=0, held_out=2)
     assert len(val) == len(test) == 2 and len(train) == 3
     kept = train + val + test
     assert {r["source"] for r in kept} == {"olympiads"} and all(r["problem"].startswith("Compute") for r in kept)
     assert all(r["answer"] == str(int(r["problem"].split()[1]) + 1) for r in kept)
-    order = lambda seed: [r["problem"] for r in sum(eval.numina_splits(good, seed, held_out=2), [])]
+    order = lambda seed: [r["problem"] for r in sum(data.numina_splits(good, seed, held_out=2), [])]
     assert order(0) == order(0) != order(1)  # a seeded shuffle
 
 

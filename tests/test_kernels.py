@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from conftest import SHARED
 from common import dpo_loss, pad_sequences, token_logps
-from eval import load_rows, math_reward, math_rewards, step_batch
+from data import load_rows, step_batch
+from eval import math_reward, math_rewards
 
 
 def test_dpo_loss_by_hand():

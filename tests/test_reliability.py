@@ -49,6 +49,7 @@ MATRIX = [
     ("eval.py", ["--benchmarks", "math500,nope"], "--benchmarks: unknown 'nope'"),
     ("eval.py", ["--samples", "0"], "--samples 0: must be >= 1"),
     ("eval.py", ["--benchmarks", "gsm8k={tmp}/bad3.jsonl"], "bad3.jsonl:3: not valid JSON"),
+    ("eval.py", ["--benchmarks", "numina_test", "--data_dir", "{tmp}"], "numina_test: no numina_test.jsonl in --data_dir"),
     ("eval.py", ["--select", "{tmp}"], "no run with step_NNNNNN checkpoints there"),
 ]
 
@@ -106,7 +107,7 @@ def test_rerun_into_same_out_is_refused(tiny_model, tmp_path):
 
 def test_long_prompts_dropped(tiny_model, tmp_path, capsys):
     from common import load_tokenizer
-    from eval import load_task
+    from data import load_task
     rows = [{"problem": "What is 2 * 3?", "answer": "6"}, {"problem": "x" * 5_000_000, "answer": "1"},
             {"problem": "What is 3 * 3? " * 40, "answer": "9"}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -119,7 +120,7 @@ def run_patched(tmp_path, patch, script, *args):
     """Runs a script as `python script.py` with `patch` (Python source) applied to the modules first: faults are
     injected from the test, the scripts hold no hook for them."""
     wrapper = tmp_path / "patched.py"
-    wrapper.write_text(f"import runpy, sys, time\nsys.path.insert(0, {ROOT!r})\nimport common, eval, torch\n{patch}\n"
+    wrapper.write_text(f"import runpy, sys, time\nsys.path.insert(0, {ROOT!r})\nimport common, data, eval, torch\n{patch}\n"
                        f"sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
     return subprocess.Popen([sys.executable, str(wrapper), os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -128,8 +129,8 @@ def run_patched(tmp_path, patch, script, *args):
 # the loss of every micro-batch of the listed steps becomes NaN (step read where the loop asks for its batch)
 NAN_PATCH = """
 nan_steps, current = {steps}, [0]
-step_batch, dpo_loss = eval.step_batch, common.dpo_loss
-eval.step_batch = lambda n, step, *a: current.__setitem__(0, step) or step_batch(n, step, *a)
+step_batch, dpo_loss = data.step_batch, common.dpo_loss
+data.step_batch = lambda n, step, *a: current.__setitem__(0, step) or step_batch(n, step, *a)
 def nan_dpo_loss(*a):
     losses, diagnostics = dpo_loss(*a)
     return losses * (float("nan") if current[0] in nan_steps else 1.0), diagnostics
@@ -280,7 +281,7 @@ def test_prepare_data_from_local_files(tiny_model, tmp_path):
     (tmp_path / "numina" / "part0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in numina))
     (tmp_path / "wildchat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
     data = tmp_path / "data"
-    run_script("eval.py", "--prepare_data", data, "--numina_source", tmp_path / "numina", "--wildchat_source",
+    run_script("data.py", "--out", data, "--numina_source", tmp_path / "numina", "--wildchat_source",
                tmp_path / "wildchat.jsonl", "--held_out", 2)
     read = lambda name: [json.loads(l) for l in open(data / f"{name}.jsonl")]
     assert [len(read(n)) for n in ("numina_train", "numina_val", "numina_test")] == [8, 2, 2]

@@ -23,7 +23,8 @@ def reference_score(model, ids):
 
 @pytest.mark.parametrize("kind", ["plain", "athene"])
 def test_rm_scores_match_hand_computation(rms, kind):
-    from eval import PLAIN_TEMPLATE, load_reward_model, rm_scores
+    from data import PLAIN_TEMPLATE
+    from eval import load_reward_model, rm_scores
     path, model = rms[kind]
     rm = load_reward_model(path, torch.device("cpu"))
     assert rm.cls_token_id == (CLS if kind == "athene" else None)
@@ -60,7 +61,7 @@ def test_mixed_batch_routing(rms):
 
 
 def mixed_data(path, n_rm=8):
-    from eval import arithmetic_task
+    from data import arithmetic_task
     rows = arithmetic_task(0)[0][:8] + [{"prompt": f"Describe the number {k} in one sentence."} for k in range(n_rm)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
