@@ -1,4 +1,4 @@
-"""eval.py: the command line on each local benchmark (HF and vLLM samplers), answer normalisers and the NuminaMath
+"""eval.py: the command line on each local benchmark (HF and vLLM samplers), answer normalisers, data.py's NuminaMath
 filter, the length-controlled win rate, checkpoint selection, AlpacaEval submissions judged by a tiny reward model."""
 import json, math, os, re, subprocess, sys
 
