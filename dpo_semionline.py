@@ -5,8 +5,8 @@ DPO loss eq. 3. s = 1 is online DPO, s = 5..100 semi-online, `--sync inf` offlin
 (responses always come from the seed model).
 
 Each step: (1) every s steps copy the trainer's weights into the generator (and, with --ref_sync,
-into the reference model); (2) sample n responses per prompt; (3) score them (Math-Verify, or --reward_model);
-(4) pair a random correct response with a random incorrect one; (5) one AdamW step.
+into the reference model); (2) sample n responses per prompt; (3) score them (Math-Verify, or
+--reward_model); (4) pair a random correct response with a random incorrect one; (5) one AdamW step.
 
 Deliberate deviations from the paper and the authors' code:
   1. Defaults are sized for the embedded default (Gemma-3-270M on arithmetic, on a CPU): a larger
@@ -15,237 +15,148 @@ Deliberate deviations from the paper and the authors' code:
   2. Validation (n=1, T=0.6, top-p 0.9) always measures the current policy: when it falls between
      two syncs, the generator is given the current weights for it and then its stale ones back.
   3. Resuming syncs the generator (and, with --ref_sync, the reference) at the resumed step, so the
-     staleness window restarts there; with --sync inf the generator stays the seed model.
+     staleness window restarts there; with --sync inf both stay the seed model.
 
   python dpo_semionline.py                                         # embedded default, CPU ok
-  torchrun --nproc_per_node 8 dpo_semionline.py --sync 10 --model meta-llama/Llama-3.1-8B-Instruct ...
+  torchrun --nproc_per_node 8 dpo_semionline.py --sync 10 --model meta-llama/Llama-3.1-8B ...
 """
-import math, os, random, time
-from dataclasses import asdict, dataclass, field
+
+import math
+import random
+import time
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from common import (add_sums, all_reduce, check_run_folder, copy_weights, dpo_loss, fail, generate,
-                    grad_sync, iter_weights, load_checkpoint, load_model, load_tokenizer, log_metrics, make_optimizer,
-                    make_sampler, open_run, optimizer_step, pad_sequences, parse_args, resolve, save_checkpoint,
-                    setup_dist, sync_weights, token_logps, wrap_model)
-from data import build_prompt, default_model_path, load_task, step_batch, stop_token_ids
-from eval import evaluate, load_reward_model, plot_runs, print_summary, score_responses, task_means, task_sums
+from common import (add_sums, all_reduce, copy_weights, dpo_loss, end_step,
+                    generator_logps, grad_sync, load_models, micro_batches,
+                    optimizer_step, progress, save_checkpoint, sequence_logps,
+                    start_run, sync_weights, token_sums)  # fmt: skip
+from data import load_task, step_batch, stop_token_ids
+from eval import end_run, load_reward_model, rollout, validate
+from flags import RunArgs, flag, parse_args
 
 
 @dataclass
 class Args:
-    model: str = field(default="", metadata={"help": "hub id or local folder; empty: the embedded Gemma-3-270M",
-                                             "model": True})
-    data: str = field(default="", metadata={"help": "JSONL {problem, answer} or hub dataset; empty: embedded arithmetic; "
-                                            "rows without an answer are scored by --reward_model"})
-    val_data: str = field(default="", metadata={"help": "validation JSONL or hub dataset; empty: embedded arithmetic"})
-    reward_model: str = field(default="", metadata={"help": "sequence-classification reward model (folder or hub id) "
-                                                    "for rows without an 'answer'", "model": True})
-    val_size: int = field(default=250, metadata={"help": "validation problems used (0: all)", "min": 0})
-    max_prompt_tokens: int = field(default=2048, metadata={"help": "longer prompts are dropped at load time", "min": 1})
-    steps: int = field(default=30, metadata={"help": "optimizer steps", "min": 1})
-    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, global (split over ranks)", "min": 1})
-    n: int = field(default=4, metadata={"help": "responses sampled per prompt (alias --num_responses: torchrun reads "
-                                        "a bare --n as its own, ambiguous, option)", "aliases": ["--num_responses"], "min": 2})
-    max_new_tokens: int = field(default=40, metadata={"help": "response length limit (paper: 2048)", "min": 1})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of training rollouts", "gt": 0})
-    top_p: float = field(default=1.0, metadata={"help": "top-p of training rollouts", "gt": 0, "max": 1})
-    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (paper: 1e-6)", "gt": 0})
-    adam_eps: float = field(default=1e-4, metadata={"help": "AdamW eps; the paper's large value prevents DPO divergence", "gt": 0})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "min": 0, "max": 0.999999})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2", "min": 0, "max": 0.999999})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay", "min": 0})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps", "min": 0})
-    lr_min_ratio: float = field(default=0.2, metadata={"help": "cosine schedule ends at this fraction of lr", "min": 0, "max": 1})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (paper: 0.1)", "gt": 0})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (eq. 3)", "gt": 0})
-    sync: float = field(default=10, metadata={"help": "steps between generator syncs: 1 online, inf offline",
-                                              "min": 1, "whole": True})
-    ref_sync: bool = field(default=True, metadata={"help": "refresh the reference model with the generator"})
-    nll_coef: float = field(default=0.0, metadata={"help": "weight of the length-normalised NLL on chosen responses", "min": 0})
-    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus on chosen responses", "min": 0})
-    micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward (gradient accumulation); a "
-                                                  "pair is 2", "min": 2})
-    sampler: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when installed)",
-                                                   "choices": ["vllm", "hf", "auto"]})
-    vllm_memory: float = field(default=0.3, metadata={"help": "fraction of GPU memory vLLM may take", "gt": 0, "max": 1})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 compute on fp32 master weights (default: on CUDA)"})
-    grad_ckpt: bool | None = field(default=None, metadata={"help": "activation checkpointing (default: on CUDA)"})
-    fsdp: bool | None = field(default=None, metadata={"help": "shard with FSDP2 instead of replicating with DDP "
-                                                      "(default: on CUDA with more than one rank)"})
-    val_every: int = field(default=0, metadata={"help": "validate every k steps (always before and after)", "min": 0})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (always at the end)", "min": 0})
-    resume: str = field(default="", metadata={"help": "run folder (or step_N folder) to resume from"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the run already in --out"})
-    out: str = field(default="runs/dpo_semionline", metadata={"help": "run folder"})
-    seed: int = field(default=0, metadata={"help": "seed for data order, task and sampling"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    # Algorithm specific arguments (section 2; the appendix table's values in the README)
+    beta: float = flag(0.1, "DPO beta (eq. 3)", gt=0)
+    sync: float = flag(10, "s: steps between syncs (1 online, inf offline)", min=1, whole=True)
+    ref_sync: bool = flag(True, "refresh the reference model with the generator")
+    # --num_responses: torchrun takes a bare --n for its own --nnodes
+    n: int = flag(4, "responses sampled per prompt", min=2, aliases=["--num_responses"])
+    nll_coef: float = flag(0.0, "weight of the length-normalised NLL of chosen responses", min=0)
+    entropy_coef: float = flag(0.0, "weight of the entropy bonus on chosen responses", min=0)
+    micro_batch: int = flag(8, "sequences per forward/backward; a pair is 2", min=2)
+
+
+# the logged metrics: each one's sum over the global batch, divided by the count it is listed under
+# (None: the sum itself); the README's glossary says what each one measures
+MEANS = {
+    "rollouts": ["reward", "length"],
+    "n_math": ["reward_math"],
+    "n_rm": ["reward_rm"],
+    "prompts": ["loss"],
+    "tokens": ["entropy", "logp_gap", "kl"],
+    "pairs": ["margin", "pair_acc", "chosen_length", "rejected_length"],
+    None: ["pairs", "reward_timeouts"],
+}
 
 
 def make_pairs(groups, rewards, rng):
-    """Paper section 2: chosen is a random highest-reward response, rejected a random lowest-reward one
-    (with 0/1 rewards: a random correct vs a random incorrect one). Prompts whose rewards are all
-    equal are skipped. Returns (prompt index, chosen Sample, rejected Sample) triples."""
+    """Paper section 2: chosen is a random highest-reward response, rejected a random lowest-reward
+    one (with 0/1 rewards: a random correct vs a random incorrect one). A prompt whose rewards are
+    all equal is skipped. Returns (prompt index, chosen Sample, rejected Sample) triples."""
     pairs = []
     for i, (samples, r) in enumerate(zip(groups, rewards)):
         if max(r) > min(r):
-            pairs.append((i, rng.choice([s for s, x in zip(samples, r) if x == max(r)]),
-                          rng.choice([s for s, x in zip(samples, r) if x == min(r)])))
+            chosen = rng.choice([s for s, x in zip(samples, r) if x == max(r)])
+            rejected = rng.choice([s for s, x in zip(samples, r) if x == min(r)])
+            pairs.append((i, chosen, rejected))
     return pairs
 
 
 def main():
-    args = parse_args(Args)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    # impossible flag combinations fail here, before any model loads
-    if args.prompts_per_step % world:
-        fail(f"--prompts_per_step {args.prompts_per_step}: must divide over the {world} ranks")
-    ckpt = check_run_folder(args.out, args.resume, args.overwrite)
-    rank, world, device = setup_dist()
-    cuda = device.type == "cuda"
-    bf16, fsdp = resolve(args.bf16, cuda), resolve(args.fsdp, cuda and world > 1)
-    random.seed(args.seed)
+    args = parse_args(Args, RunArgs)
+    # ---- setup (TRY NOT TO MODIFY): torchrun and the run folder; the task; the models ----
+    run = start_run(args)
+    tokenizer, train_rows, val_rows = load_task(args)  # a bad row stops here, before any model
+    keep = args.val_every % args.sync != 0  # a validation can fall between two syncs: deviation 2
+    load_models(run, args, tokenizer, stop_token_ids(tokenizer), keep)  # policy, ref, generator
+    run.rm = load_reward_model(args.reward_model, run.device, args.trust_remote_code)
 
-    # ---- task, models, generator ----
-    model_path = args.model or default_model_path()
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    train_rows, val_rows = load_task(tokenizer, args.data, args.val_data, args.val_size, args.seed, args.max_prompt_tokens,
-                                     need_answer=not args.reward_model)
-    policy = load_model(model_path, device, torch.float32, args.trust_remote_code, resolve(args.grad_ckpt, cuda))
-    ref = load_model(model_path, device, torch.bfloat16 if bf16 else torch.float32, args.trust_remote_code)
-    ref.eval().requires_grad_(False)
-    rm = load_reward_model(args.reward_model, device, trust_remote_code=args.trust_remote_code) if args.reward_model else None
-    sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank, stop_token_ids(tokenizer),
-                           args.max_prompt_tokens + args.max_new_tokens, bf16, args.vllm_memory, args.trust_remote_code)
-    model = wrap_model(policy, device, fsdp, bf16)
-    ref = wrap_model(ref, device, fsdp) if fsdp else ref
-    optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
-                                          args.weight_decay, args.steps, args.lr_min_ratio, args.warmup_steps)
-    start = load_checkpoint(ckpt, model, optimizer, scheduler) if ckpt else 0
-    if ckpt and args.ref_sync:
-        copy_weights(ref, model)  # deviation 3
-    open_run(args.out, asdict(args) | {"model_path": model_path, "world_size": world, "bf16": bf16, "fsdp": fsdp},
-             start, args.overwrite)
-    val_kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, rm=rm)
-    keep_gen_state = args.val_every and args.val_every % args.sync != 0  # deviation 2 needs the stale weights
-    gen_state, val_history, skipped, skipped_in_row = None, [], 0, 0
-
-    bar = tqdm(range(start, args.steps), disable=rank != 0, desc="dpo_semionline", initial=start, total=args.steps)
-    for step in bar:
-        row = {"step": step, "synced": 0, "time_sync": 0.0}
-
-        # ---- 1. sync the generator (and the reference) every `sync` steps ----
-        if step % args.sync == 0 or (step == start and not math.isinf(args.sync)):
-            # a copy of what the generator now holds, for deviation 2 (on a CPU .cpu() would alias the live weights)
-            gen_state = [(k, v.to("cpu", copy=True)) for k, v in iter_weights(model, sampler.dtype)] \
-                if keep_gen_state else None
-            row["time_sync"], row["synced"] = sync_weights(sampler, gen_state or iter_weights(model, sampler.dtype)), 1
+    for step in progress(run, args.steps):
+        # ---- 1. sync the generator (and the reference) every s steps; deviation 3 on resuming ----
+        synced = step % args.sync == 0 or (step == run.start and math.isfinite(args.sync))
+        metrics = {"step": step, "synced": int(synced), "time_sync": 0.0}
+        if synced:
+            metrics["time_sync"] = sync_weights(run.sampler, run.model)
             if args.ref_sync:
-                copy_weights(ref, model)
+                copy_weights(run.ref, run.model)
 
-        # ---- validate the current policy ----
+        # ---- validate the current policy (deviation 2) ----
         if step == 0 or (args.val_every and step % args.val_every == 0):
-            if not row["synced"]:
-                sync_weights(sampler, iter_weights(model, sampler.dtype))
-            val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
-            if not row["synced"]:
-                sync_weights(sampler, gen_state)
-            row |= {"val_reward": val["reward"], "val_reward_se": val["reward_se"], "val_length": val["length"],
-                    "time_val": val["seconds"]}
-            val_history.append((step, val))
+            metrics |= validate(run, val_rows, current=synced)
 
-        # ---- 2. generate: n responses for each of this rank's prompts ----
+        # ---- 2-3. generate n responses for each of this rank's prompts, score them ----
+        sums = {}  # this rank's sums by metric name, all-reduced and divided as MEANS says
+        batch = step_batch(len(train_rows), step, args.prompts_per_step, args.seed)  # global
+        batch = [train_rows[i] for i in batch[run.rank :: run.world]]
+        prompts, groups, rewards = rollout(run, batch, args.n, step, sums, metrics)
+
+        # ---- 4. pairs: a random correct response against a random incorrect one ----
+        pairs = make_pairs(groups, rewards, random.Random(f"{args.seed}-{step}-{run.rank}"))
+
+        # ---- 5. train: one optimizer step on the pairs of the global batch ----
         t0 = time.time()
-        batch = [train_rows[i] for i in step_batch(len(train_rows), step, args.prompts_per_step, args.seed)]
-        batch = batch[rank::world]
-        prompts = [build_prompt(tokenizer, r) for r in batch]
-        groups = generate(sampler, prompts, args.n, args.temperature, args.top_p, args.max_new_tokens,
-                          seed=args.seed * 100003 + step * world + rank)
-        row["time_gen"] = time.time() - t0
-
-        # ---- 3. score: Math-Verify for rows with an answer, the reward model for the others ----
-        t0 = time.time()
-        rows_n = [r for r in batch for _ in range(args.n)]  # each response's data row
-        flat, timeouts = score_responses(rows_n, [s.text for g in groups for s in g], rm)
-        rewards = [flat[i * args.n:(i + 1) * args.n] for i in range(len(groups))]
-        row["time_reward"] = time.time() - t0
-
-        # ---- 4. pairs ----
-        pairs = make_pairs(groups, rewards, random.Random(f"{args.seed}-{step}-{rank}"))
-
-        # ---- 5. train: one optimizer step on all pairs of the global batch ----
-        t0 = time.time()
-        model.train()
-        sums = {}  # this rank's sums, by metric name, all-reduced below
-        micro = [pairs[i:i + args.micro_batch // 2] for i in range(0, len(pairs), args.micro_batch // 2)]
-        # every rank runs the same number of forward/backward passes, so collectives stay in step; a rank
-        # short of pairs runs a dummy pair with weight 0
-        n_micro = int(all_reduce({"n": max(1, len(micro))}, op="max")["n"])
-        for m in range(n_micro):
-            mb = micro[m] if m < len(micro) else [(0, groups[0][0], groups[0][0])]
-            weight = 1.0 if m < len(micro) else 0.0
-            input_ids, attn, cmask = pad_sequences([prompts[i] for i, _, _ in mb] * 2,
-                                                   [c.token_ids for _, c, _ in mb] + [r.token_ids for _, _, r in mb],
-                                                   tokenizer.pad_token_id, device)
-            # around the forward too: DDP decides there whether this backward all-reduces the gradients
-            with grad_sync(model, m == n_micro - 1), torch.autocast(device.type, torch.bfloat16, enabled=bf16 and not fsdp):
-                logps, entropy = token_logps(model, input_ids, attn, cmask)
+        run.model.train()
+        dummy = (0, groups[0][0], groups[0][0])  # a rank short of pairs trains on it, weight 0
+        for pairs_mb, weight, last in micro_batches(pairs, args.micro_batch // 2, dummy):
+            mb_prompts = [prompts[i] for i, _, _ in pairs_mb] * 2
+            responses = [c for _, c, _ in pairs_mb] + [r for _, _, r in pairs_mb]  # chosen first
+            # around the forward too: DDP decides there whether this backward all-reduces
+            with grad_sync(run.model, last):
+                logps, entropy, completion_mask = sequence_logps(
+                    run, run.model, mb_prompts, responses
+                )
                 with torch.no_grad():
-                    ref_logps, _ = token_logps(ref, input_ids, attn, cmask)
-                    gen_logps = torch.zeros_like(logps)  # the generator's log-probs, for logp_gap
-                    gen_logps[cmask] = torch.tensor([x for s in [c for _, c, _ in mb] + [r for _, _, r in mb]
-                                                     for x in s.logprobs], device=device)
-                seq_logps, seq_ref, lengths = logps.sum(-1), ref_logps.sum(-1), cmask.sum(-1)
-                b = len(mb)
-                losses, diag = dpo_loss(seq_logps[:b], seq_logps[b:], seq_ref[:b], seq_ref[b:], args.beta)
-                chosen_tokens = lengths[:b].clamp(min=1)
-                losses = losses + args.nll_coef * (-seq_logps[:b] / chosen_tokens) \
-                    - args.entropy_coef * (entropy[:b].sum(-1) / chosen_tokens)
-                # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks, so the
-                # gradient is that of (sum of pair losses) / (prompts in the global batch)
+                    ref_logps, _, _ = sequence_logps(run, run.ref, mb_prompts, responses)
+                policy_chosen_logps, policy_rejected_logps = logps.sum(-1).chunk(2)  # (B,) each
+                ref_chosen_logps, ref_rejected_logps = ref_logps.sum(-1).chunk(2)
+                losses, diagnostics = dpo_loss(  # eq. 3
+                    policy_chosen_logps,
+                    policy_rejected_logps,
+                    ref_chosen_logps,
+                    ref_rejected_logps,
+                    args.beta,
+                )
+                chosen_lengths, rejected_lengths = completion_mask.sum(-1).chunk(2)
+                chosen_tokens = chosen_lengths.clamp(min=1)
+                chosen_entropy = entropy.sum(-1).chunk(2)[0] / chosen_tokens
+                # the ablations (section 2): the chosen response's NLL (length-normalised), entropy
+                losses = losses + args.nll_coef * (-policy_chosen_logps / chosen_tokens)
+                losses = losses - args.entropy_coef * chosen_entropy
+                # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks,
+                # so the gradient is that of (sum of pair losses) / (prompts in the global batch)
                 loss = weight * losses.sum() / len(batch)
                 loss.backward()
-            with torch.no_grad():
-                add_sums(sums, weight, loss=losses.sum(), pairs=b, tokens=cmask.sum(), entropy=entropy[cmask].sum(),
-                         logp_gap=(logps - gen_logps)[cmask].sum(), margin=diag["margin"].sum(), acc=diag["acc"].sum(),
-                         kl=(logps - ref_logps)[cmask].sum(), chosen_length=lengths[:b].sum(),
-                         rejected_length=lengths[b:].sum())
-        g = all_reduce(sums | task_sums(rows_n, flat) | {
-            "prompts": len(batch), "rollouts": sum(map(len, rewards)), "reward": sum(map(sum, rewards)),
-            "length": sum(len(s.token_ids) for grp in groups for s in grp), "reward_timeouts": timeouts})
-        grad_norm, ok = optimizer_step(model, optimizer, scheduler, args.grad_clip, g["loss"])
-        skipped, skipped_in_row = skipped + (not ok), 0 if ok else skipped_in_row + 1
-        row["time_train"] = time.time() - t0
+            gen_logps = generator_logps(responses, completion_mask)
+            token = token_sums(logps, ref_logps, gen_logps, entropy, completion_mask)
+            pair = {k: v.sum() for k, v in diagnostics.items()}  # margin, pair_acc
+            add_sums(sums, weight, loss=losses.sum(), pairs=len(pairs_mb), **token, **pair)
+            add_sums(sums, weight, chosen_length=chosen_lengths.sum())
+            add_sums(sums, weight, rejected_length=rejected_lengths.sum())
 
-        # ---- log and checkpoint ----
-        npairs, ntok = max(g["pairs"], 1), max(g["tokens"], 1)
-        row |= {"reward": g["reward"] / g["rollouts"], "length": g["length"] / g["rollouts"], "loss": g["loss"] / g["prompts"],
-                "pairs": int(g["pairs"]), "entropy": g["entropy"] / ntok, "logp_gap": g["logp_gap"] / ntok,
-                "kl": g["kl"] / ntok, "margin": g["margin"] / npairs, "pair_acc": g["acc"] / npairs,
-                "chosen_length": g["chosen_length"] / npairs, "rejected_length": g["rejected_length"] / npairs,
-                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "reward_timeouts": int(g["reward_timeouts"]),
-                "skipped_steps": skipped}
-        row |= task_means(g)  # per task in a mixed batch: reward_math, reward_rm
-        log_metrics(args.out, row)
-        if rank == 0:
-            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if skipped_in_row == 3:
-            fail(f"non-finite loss or gradient norm 3 steps in a row (steps {step - 2}-{step}), updates skipped: "
-                 f"stopping; the last checkpoint in {args.out} is intact")
+        # ---- end of step (TRY NOT TO MODIFY): sums over ranks, AdamW, log, checkpoint ----
+        totals = all_reduce(sums)
+        metrics |= optimizer_step(run, args.grad_clip, totals["loss"])  # skipped if not finite
+        metrics["time_train"] = time.time() - t0
+        end_step(run, metrics, totals, MEANS)  # three skipped updates in a row stop the run
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(args.out, step + 1, model, tokenizer, optimizer, scheduler)
+            save_checkpoint(run, step + 1)
 
     # ---- after training: validate the final policy, save ----
-    sync_weights(sampler, iter_weights(model, sampler.dtype))
-    val = evaluate(sampler, tokenizer, val_rows, **val_kwargs)
-    log_metrics(args.out, {"step": args.steps, "val_reward": val["reward"], "val_reward_se": val["reward_se"],
-                           "val_length": val["length"], "time_val": val["seconds"]})
-    save_checkpoint(args.out, args.steps, model, tokenizer, optimizer, scheduler)
-    print_summary(rank, model, val_history + [(args.steps, val)])
-    if rank == 0:
-        plot_runs([args.out], os.path.join(args.out, "metrics.png"))  # the curves of the paper's Figs. 2-3
+    end_run(run, val_rows, args.steps)
 
 
 if __name__ == "__main__":

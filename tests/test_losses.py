@@ -1,0 +1,324 @@
+"""The kernels against hand computation: the DPO loss, token log-probs and entropy, GRPO's
+advantages and clipped loss, GroupDPO's loss and sets, and section 2's pairs."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from common import Sample, dpo_loss, grpo_advantages, grpo_loss, pad_sequences, token_logps
+from group_dpo import group_dpo_loss, group_labels
+from conftest import metrics, run_script
+
+
+def test_dpo_loss_by_hand():
+    # pair 0: margin = (-1 - -2) - (-3 - -2.5) = 1.5 -> -log sigmoid(0.15); pair 1: margin = -2 ->
+    # -log sigmoid(-0.2)
+    policy_chosen = torch.tensor([-1.0, -5.0])
+    policy_rejected = torch.tensor([-3.0, -4.0])
+    ref_chosen = torch.tensor([-2.0, -5.0])
+    ref_rejected = torch.tensor([-2.5, -6.0])
+    loss, diag = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
+    expected = [math.log(1 + math.exp(-0.15)), math.log(1 + math.exp(0.2))]
+    assert loss.shape == (2,)
+    assert torch.allclose(loss, torch.tensor(expected), atol=1e-6)
+    assert torch.allclose(diag["margin"], torch.tensor([0.15, -0.2]))
+    assert diag["pair_acc"].tolist() == [1.0, 0.0]
+    # at the reference the loss is log 2 whatever beta, and its gradient pushes chosen up, rejected
+    # down
+    c = torch.tensor([-7.0], requires_grad=True)
+    r = torch.tensor([-9.0], requires_grad=True)
+    loss, _ = dpo_loss(c, r, torch.tensor([-7.0]), torch.tensor([-9.0]), beta=0.5)
+    loss.sum().backward()
+    assert abs(loss.item() - math.log(2)) < 1e-6
+    assert c.grad.item() == pytest.approx(-0.25)  # -beta/2
+    assert r.grad.item() == pytest.approx(0.25)  # +beta/2
+
+
+def tiny_random_model(vocab=50):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      pad_token_id=0)  # fmt: skip
+    return LlamaForCausalLM(cfg).float()
+
+
+def test_token_logps_matches_full_logits():
+    model = tiny_random_model()
+    prompts = [[5, 6, 7], [8, 9]]
+    responses = [[10, 11, 12, 13], [14]]
+    input_ids, attn, cmask = pad_sequences(prompts, responses, 0, torch.device("cpu"))
+    # chunks smaller than the sequences
+    logps, entropy = token_logps(model, input_ids, attn, cmask, chunk_size=2)
+    logits = model(input_ids=input_ids, attention_mask=attn).logits.float()
+    ref_all = logits[:, :-1].log_softmax(-1)
+    naive = torch.zeros_like(logps)
+    naive[:, 1:] = ref_all.gather(-1, input_ids[:, 1:, None])[..., 0]
+    naive_ent = torch.zeros_like(logps)
+    naive_ent[:, 1:] = -(ref_all.exp() * ref_all).sum(-1)
+    m = cmask.float()
+    assert torch.allclose(logps, naive * m, atol=1e-5)
+    assert torch.allclose(entropy, naive_ent * m, atol=1e-5)
+    assert (logps[~cmask] == 0).all() and cmask.sum() == 5
+    # gradients through the chunked, recomputed head equal the naive ones
+    params = list(model.parameters())
+    g1 = torch.autograd.grad(logps.sum() + entropy.sum(), params, allow_unused=True)
+    naive_total = (naive * m).sum() + (naive_ent * m).sum()
+    g2 = torch.autograd.grad(naive_total, params, allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
+
+
+def test_grpo_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0],
+                            [0.3, 0.3, 0.3, 0.3]])  # fmt: skip
+    adv = grpo_advantages(rewards)
+    # group 0: mean 0.5, unbiased std sqrt(4 * 0.25 / 3); group 2: mean 0.25, unbiased std
+    # sqrt(0.75 / 3) = 0.5
+    s0 = math.sqrt(1 / 3) + 1e-6
+    expected = torch.tensor([[0.5 / s0, -0.5 / s0, -0.5 / s0, 0.5 / s0], [0.0] * 4,
+                             [-0.25 / 0.500001] * 3 + [0.75 / 0.500001], [0.0] * 4])  # fmt: skip
+    assert adv.shape == (4, 4) and torch.allclose(adv, expected, atol=1e-6)
+    # all-equal groups: exactly 0, even for 0.3 (whose mean is not exact)
+    assert (adv[1] == 0).all() and (adv[3] == 0).all()
+    centred = grpo_advantages(rewards, std_normalize=False)
+    assert torch.allclose(centred[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert (centred[3] == 0).all()
+    assert torch.allclose(centred[2], torch.tensor([-0.25, -0.25, -0.25, 0.75]))
+
+
+def hand_grpo(logps, old, ref, adv, mask, kl_beta, eps):
+    total = 0.0
+    for b in range(len(logps)):
+        for t in range(len(logps[b])):
+            if mask[b][t]:
+                ratio = math.exp(logps[b][t] - old[b][t])
+                surrogate = min(ratio * adv[b], min(max(ratio, 1 - eps), 1 + eps) * adv[b])
+                d = ref[b][t] - logps[b][t]
+                total += -surrogate + kl_beta * (math.exp(d) - d - 1)
+    return total
+
+
+def test_grpo_loss_by_hand():
+    logps = [[0.0, -1.0, -0.5, -2.0], [0.0, -0.3, -4.0, 0.0]]
+    # ratios exp(0.2) (clipped for A>0), exp(-0.4), 1; 1, exp(-1)
+    old = [[0.0, -1.2, -0.1, -2.0], [0.0, -0.3, -3.0, 0.0]]
+    ref = [[0.0, -0.8, -0.7, -1.0], [0.0, -0.5, -3.5, 0.0]]
+    mask = [[False, True, True, True], [False, True, True, False]]
+    adv = [1.5, -0.7]
+    tensors = [torch.tensor(x) for x in (logps, old, ref, adv, mask)]
+    loss, diag = grpo_loss(*tensors, kl_beta=0.1, clip_eps=0.2)
+    assert loss.shape == (2,)  # per sequence
+    for b in range(2):
+        one = [x[b : b + 1] for x in (logps, old, ref, adv, mask)]
+        assert loss[b].item() == pytest.approx(hand_grpo(*one, 0.1, 0.2), abs=1e-6)
+    # clipped: sequence 0's token 1 (ratio exp(0.2) > 1.2 with A > 0); sequence 1's token 2 has
+    # ratio exp(-1) but A < 0 pushes it down, out of range on the favoured side: clipped too
+    assert diag["clipped"].tolist() == [1.0, 1.0]
+    # summed per sequence, not length-normalised: a sequence twice as long (same tokens repeated)
+    # counts twice as much
+    x = torch.tensor([[-1.0]])
+    one, _ = grpo_loss(x, x, x, torch.tensor([2.0]), torch.tensor([[True]]), 0.0, 0.2)
+    xx = torch.tensor([[-1.0, -1.0]])
+    two, _ = grpo_loss(xx, xx, xx, torch.tensor([2.0]), torch.tensor([[True, True]]), 0.0, 0.2)
+    assert one.item() == pytest.approx(-2.0) and two.item() == pytest.approx(-4.0)
+
+
+def test_grpo_loss_gradient_is_reinforce_on_policy():
+    """old_logps = logps.detach(): the ratio is 1 and the gradient is REINFORCE's plus the k3 KL's,
+    -A * grad log p + kl_beta * (1 - exp(ref - log p)) per response token, averaged over
+    sequences."""
+    torch.manual_seed(0)
+    logps = (-torch.rand(3, 5) * 3).requires_grad_(True)
+    ref = -torch.rand(3, 5) * 3
+    adv = torch.tensor([1.2, -0.4, 0.0])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    grpo_loss(logps, logps.detach(), ref, adv, mask, kl_beta=0.05, clip_eps=0.2)[
+        0
+    ].mean().backward()
+    expected = mask * (-adv[:, None] + 0.05 * (1 - torch.exp(ref - logps.detach()))) / 3
+    assert torch.allclose(logps.grad, expected, atol=1e-6)
+    # the same as autograd through the REINFORCE surrogate
+    x = logps.detach().clone().requires_grad_(True)
+    d = ref - x
+    (((-adv[:, None] * x + 0.05 * (torch.exp(d) - d - 1)) * mask).sum(-1).mean()).backward()
+    assert torch.allclose(logps.grad, x.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "adv, ratio, clipped",
+    [
+        *[(1.0, 1.5, True), (-1.0, 0.5, True)],  # out on the favoured side
+        *[(1.0, 0.5, False), (-1.0, 1.5, False)],  # out on the other side
+        *[(1.0, 1.1, False), (-1.0, 0.9, False), (1.0, 0.85, False)],
+    ],
+)
+def test_grpo_clip_engages_only_where_the_advantage_pushes_out(adv, ratio, clipped):
+    logp = torch.tensor([[-1.0]], requires_grad=True)
+    old = logp.detach() - math.log(ratio)
+    mask = torch.tensor([[True]])
+    loss, diag = grpo_loss(logp, old, logp.detach(), torch.tensor([adv]), mask, 0.0, 0.2)
+    assert diag["clipped"].item() == float(clipped)
+    loss.sum().backward()
+    if clipped:
+        assert logp.grad.item() == 0.0
+    else:
+        assert logp.grad.item() == pytest.approx(-adv * ratio, rel=1e-5)  # d(-ratio * A)/d log p
+    # with a KL term, a clipped token still gets the KL's gradient
+    logp.grad = None
+    ref = torch.tensor([[-2.0]])
+    grpo_loss(logp, old, ref, torch.tensor([adv]), mask, kl_beta=0.1, clip_eps=0.2)[
+        0
+    ].sum().backward()
+    kl_grad = 0.1 * (1 - math.exp(-1.0))
+    assert logp.grad.item() == pytest.approx(kl_grad + (0.0 if clipped else -adv * ratio), rel=1e-5)
+
+
+def test_group_dpo_loss_by_hand():
+    policy = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0], requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0, -3.0, -4.5, -4.0])
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])  # group_labels' 1 correct, 0 incorrect
+    beta = 0.2
+    ratio = [p - r for p, r in zip(policy.tolist(), ref.tolist())]
+    pairs = [(c, r) for c in (0, 2) for r in (1, 3, 4)]  # |Y_c| x |Y_r| = 6
+    losses, diag = group_dpo_loss(policy, ref, labels, beta)
+    expected = [math.log(1 + math.exp(-beta * (ratio[c] - ratio[r]))) for c, r in pairs]
+    assert losses.tolist() == pytest.approx(expected)
+    assert list(zip(diag["chosen"].tolist(), diag["rejected"].tolist())) == pairs
+    assert diag["margin"].tolist() == pytest.approx(
+        [beta * (ratio[c] - ratio[r]) for c, r in pairs]
+    )
+    # one correct, one incorrect: GroupDPO is plain DPO
+    two, _ = group_dpo_loss(policy[:2], ref[:2], labels[:2], beta)
+    assert torch.allclose(two, dpo_loss(policy[:1], policy[1:2], ref[:1], ref[1:2], beta)[0])
+    losses.mean().backward()  # eq. 4
+    # correct pushed up, incorrect down
+    assert (policy.grad[[0, 2]] < 0).all() and (policy.grad[[1, 3, 4]] > 0).all()
+    # a label 0.5 (a reward-model score at the group's mean) is in neither set
+    labels = torch.tensor([1.0, 0.5, 1.0, 0.0, 0.5])
+    _, diag = group_dpo_loss(policy, ref, labels, beta)
+    assert list(zip(diag["chosen"].tolist(), diag["rejected"].tolist())) == [(0, 3), (2, 3)]
+
+
+@pytest.mark.parametrize("labels", [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+def test_group_dpo_loss_without_a_mix_has_no_pairs(labels):
+    policy = torch.tensor([-1.0, -2.0, -3.0])
+    losses, diag = group_dpo_loss(policy, torch.tensor([-1.0] * 3), torch.tensor(labels), 0.1)
+    assert losses.shape == (0,) and diag["chosen"].shape == (0,)
+
+
+def test_group_labels_split_at_the_mean():
+    rewards = [[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.3, 0.9, 0.6, 0.6], [0.0] * 4]
+    labels, mixed = group_labels(rewards)
+    assert labels[0] == [1.0, 0.0, 1.0, 0.0]
+    assert labels[1] == [0.5] * 4  # all equal: in neither set
+    # reward-model scores: above the mean 1, below 0, at it 0.5
+    assert labels[2] == [0.0, 1.0, 0.5, 0.5]
+    assert mixed == [0, 2]
+
+
+def test_make_pairs_chosen_highest_rejected_lowest():
+    """Section 2's pairs, the same function in both DPO scripts: a random highest-reward response
+    against a random lowest-reward one; a prompt whose rewards are all equal is skipped."""
+    import dpo_offline
+    import dpo_semionline
+
+    assert dpo_offline.make_pairs is dpo_semionline.make_pairs  # offline pairs as online does
+    groups = [[Sample([k], f"p{i}r{k}", [0.0]) for k in range(4)] for i in range(4)]
+    rewards = [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.2, 0.9, -0.5, 0.9],
+               [1.0, 1.0, 1.0, 1.0]]  # fmt: skip
+    pairs = dpo_semionline.make_pairs(groups, rewards, random.Random(3))
+    assert [i for i, _, _ in pairs] == [0, 2]
+    for i, chosen, rejected in pairs:
+        r = dict(zip([s.text for s in groups[i]], rewards[i]))
+        assert r[chosen.text] == max(rewards[i]) and r[rejected.text] == min(rewards[i])
+    assert pairs[1][2].text == "p2r2"  # the one lowest score
+    seen = set()
+    for seed in range(40):
+        for _, c, r in dpo_semionline.make_pairs(groups[:1], rewards[:1], random.Random(seed)):
+            seen.add((c.text, r.text))
+    # random among the ties
+    assert seen == {(c, r) for c in ("p0r0", "p0r2") for r in ("p0r1", "p0r3")}
+
+
+def test_group_dpo_two_passes_give_the_one_pass_gradient():
+    """Two groups of 3 responses, in micro-batches of 2 that cut across the groups: eq. 4's
+    coefficients (pass a) times each micro-batch's log-probs (pass b) give the gradient of the
+    groups' summed eq. 4 loss taken in one autograd pass over all responses."""
+    from common import Sample, pad_sequences, token_logps
+    from group_dpo import group_dpo_coefficients, group_dpo_loss
+
+    model = tiny_random_model()
+    prompts = [[5, 6, 7]] * 3 + [[8, 9]] * 3
+    responses = [[10, 11], [12, 13, 14], [15], [16, 17], [18], [19, 20, 21]]
+    labels = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    samples = [Sample(r, "", [0.0] * len(r)) for r in responses]
+    kept = [(i // 3, s, x, 0.0) for i, (s, x) in enumerate(zip(samples, labels))]
+    ref = torch.tensor([-3.0, -5.0, -1.5, -2.0, -1.0, -4.0])  # any reference log-probs
+    padded = pad_sequences(prompts, responses, 0, torch.device("cpu"))
+
+    logps = token_logps(model, *padded)[0].sum(-1)
+    one_pass = 0.0
+    for g in (slice(0, 3), slice(3, 6)):
+        one_pass = (
+            one_pass + group_dpo_loss(logps[g], ref[g], torch.tensor(labels[g]), 0.1)[0].mean()
+        )
+    expected = torch.autograd.grad(one_pass, list(model.parameters()))
+
+    with torch.no_grad():
+        values = token_logps(model, *padded)[0].sum(-1)
+    sums = {}
+    loss, coef = group_dpo_coefficients(values, ref, kept, 3, 0.1, sums)
+    assert loss.item() == pytest.approx(one_pass.item(), rel=1e-6)
+    assert sums["pairs"] == 2 * 1 + 1 * 2  # 2 correct x 1 incorrect, then 1 x 2
+    model.zero_grad()
+    for start in range(0, 6, 2):  # pass (b), micro-batch by micro-batch
+        mb = slice(start, start + 2)
+        part = pad_sequences(prompts[mb], responses[mb], 0, torch.device("cpu"))
+        (coef[mb] * token_logps(model, *part)[0].sum(-1)).sum().backward()
+    for p, e in zip(model.parameters(), expected):
+        assert torch.allclose(p.grad, e, atol=1e-6), (p.grad - e).abs().max()
+    assert max(e.abs().max() for e in expected) > 1e-4  # not a vacuous zero gradient
+
+
+@pytest.mark.parametrize("nll_coef, entropy_coef", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.5)])
+def test_dpo_ablation_terms_add_their_gradient(tiny_model, tmp_path, nll_coef, entropy_coef):
+    """dpo_offline.py --pairs, one pair, one step: the logged gradient norm (before clipping) is
+    that of the DPO loss plus nll_coef x the chosen response's mean token NLL minus entropy_coef x
+    its mean next-token entropy, computed here by hand from the same prompt and tokens."""
+    from common import load_model, pad_sequences, token_logps
+    from data import build_prompt, load_tokenizer
+    from dpo_offline import row_to_pair
+
+    answer = " 3 * 4 = {0}. The final answer is $\\boxed{{{0}}}$.\n\n"
+    row = {"prompt": "What is 3 * 4?", "chosen": answer.format(12), "rejected": answer.format(13)}
+    path = tmp_path / "pair.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "run"
+    flags = ["--pairs", path, "--steps", 1, "--prompts_per_step", 1, "--val_size", 2]
+    flags += ["--bf16", "false"]
+    flags += ["--nll_coef", nll_coef, "--entropy_coef", entropy_coef, "--grad_clip", 1e9]
+    run_script("dpo_offline.py", "--model", tiny_model, "--sampler", "hf", *flags, "--out", out)
+    logged = [r for r in metrics(out) if "loss" in r][0]
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, torch.device("cpu"))
+    chosen, rejected = row_to_pair(row | {"problem": row["prompt"]}, tokenizer)
+    prompt = build_prompt(tokenizer, {"problem": row["prompt"]})
+    responses = [chosen.token_ids, rejected.token_ids]
+    padded = pad_sequences([prompt] * 2, responses, tokenizer.pad_token_id, torch.device("cpu"))
+    logps, entropy = token_logps(model, *padded)
+    chosen_logp, rejected_logp = logps.sum(-1)
+    ref = logps.sum(-1).detach()  # the reference is the seed, as the policy is at step 0
+    margin = 0.1 * ((chosen_logp - ref[0]) - (rejected_logp - ref[1]))
+    tokens = len(chosen.token_ids)
+    loss = -torch.nn.functional.logsigmoid(margin) + nll_coef * (-chosen_logp / tokens)
+    loss = loss - entropy_coef * entropy[0].sum() / tokens
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    norm = math.sqrt(sum(g.square().sum().item() for g in grads if g is not None))
+    assert logged["grad_norm"] == pytest.approx(norm, rel=1e-4), (logged, norm)
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
