@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import glob
 import math
+import operator
 import os
 import sys
 
@@ -20,7 +21,7 @@ def flag(default, help, **checks):
     choices, whole (an integer, or inf), model (a hub id or a local model folder); aliases."""
     metadata = {"help": help, **checks}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=list, metadata=metadata)
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -75,6 +76,9 @@ def true_or_false(text):
     return text.lower() in ("true", "1", "yes")
 
 
+BOUNDS = [("gt", ">", operator.gt), ("min", ">=", operator.ge), ("max", "<=", operator.le)]
+
+
 def _check(name, value, m):
     """One flag's value against the bounds its flag() declares."""
     if "choices" in m and value not in m["choices"]:
@@ -85,12 +89,10 @@ def _check(name, value, m):
         fail(f"{name} {value}: no such model folder (a local path needs a folder with config.json)")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    bounds = [(k, op) for k, op in (("gt", ">"), ("min", ">="), ("max", "<=")) if k in m]
-    within = {"gt": value > m.get("gt", 0), "min": value >= m.get("min", 0)}
-    within["max"] = value <= m.get("max", 0)
+    bounds = [(k, op, test) for k, op, test in BOUNDS if k in m]
     whole = not m.get("whole") or math.isinf(value) or value == int(value)
-    if math.isnan(value) or not all(within[k] for k, _ in bounds) or not whole:
-        must = " and ".join(f"{op} {m[k]}" for k, op in bounds) or "a number"
+    if math.isnan(value) or not all(test(value, m[k]) for k, _, test in bounds) or not whole:
+        must = " and ".join(f"{op} {m[k]}" for k, op, _ in bounds) or "a number"
         fail(f"{name} {value}: must be {must}{' (an integer, or inf)' * bool(m.get('whole'))}")
 
 
