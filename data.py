@@ -197,15 +197,22 @@ def load_task(args):
     return tokenizer, kept[0], kept[1][: args.val_size or None]
 
 
-def step_batch(num_rows, step, prompts_per_step, seed):
-    """Row indices of the global batch of `step`: a fresh permutation each epoch, a function of the
-    step alone (so a resumed run continues the data exactly where it stopped)."""
+def step_batch(num_rows, step, prompts_per_step, seed, rank=0, world=1):
+    """Row indices of the global batch of `step` (of rank's share of it, [rank::world]): a fresh
+    permutation each epoch, a function of the step alone (so a resumed run continues the data
+    exactly where it stopped)."""
     idx = []
     for k in range(step * prompts_per_step, (step + 1) * prompts_per_step):
         epoch, pos = divmod(k, num_rows)
         order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch))
         idx.append(order[pos].item())
-    return idx
+    return idx[rank::world]
+
+
+def rollout_steps(step, sync, steps, most=16):
+    """The steps whose rollouts are sampled at `step`, in one call: up to the next sync (the
+    generator does not change until then), at most `most` (memory; a GPU saturates before)."""
+    return range(step, int(min(steps, step + most, (step // sync + 1) * sync)))
 
 
 # ---- Benchmarks (eval.py): local files, else the hub ----

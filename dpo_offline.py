@@ -39,12 +39,12 @@ from tqdm import tqdm
 
 from common import (Sample, add_sums, all_gather, all_reduce, barrier, dpo_loss,
                     end_step, generator_logps, grad_sync, load_models, micro_batches,
-                    optimizer_step, print0, progress, save_checkpoint,
-                    sequence_logps, start_run, token_sums)  # fmt: skip
+                    optimizer_step, print0, progress, sequence_logps, start_run,
+                    token_sums)  # fmt: skip
 from data import build_prompt, load_task, read_jsonl, step_batch, stop_token_ids
 from dpo_semionline import make_pairs  # section 2's pairs, as online
 from eval import end_run, load_reward_model, rollout, validate
-from flags import RunArgs, fail, flag, parse_args
+from flags import RunArgs, fail, flag, parse_args, save_checkpoint
 
 
 @dataclass
@@ -104,7 +104,8 @@ def pair_dataset(run, args, train_rows):
         for c in tqdm(range(0, len(mine), 256), "phase 1: sample the seed", disable=run.rank > 0):
             chunk = mine[c : c + 256]
             batch = [train_rows[i] for i in chunk]
-            _, groups, rewards = rollout(run, batch, args.n, c, sums, metrics)
+            [(_, groups, rewards, part)] = rollout(run, train_rows, [chunk], args.n, c, metrics)
+            add_sums(sums, 1.0, **part)
             for k, chosen, rejected in make_pairs(groups, rewards, rng):
                 pair = {"index": chunk[k], "prompt": batch[k]["problem"]}
                 pair["answer"] = batch[k].get("answer")
@@ -155,7 +156,7 @@ def main():
     placeholder = next(iter(by_index.values()))  # for a prompt without a pair: never trained
 
     for step in progress(run, args.steps):
-        metrics = {"step": step, "synced": 0, "time_sync": 0.0, "time_gen": 0.0, "time_reward": 0.0}
+        metrics = {"step": step, "synced": 0, "time_sync": 0.0}
 
         # ---- validate the current policy (deviation 2) ----
         if step == 0 or (args.val_every and step % args.val_every == 0):
@@ -163,8 +164,7 @@ def main():
 
         # ---- 2-4. the step's prompts and their pairs, from the fixed dataset: nothing sampled ----
         sums = {}  # this rank's sums by metric name, all-reduced and divided as MEANS says
-        batch = step_batch(num_prompts, step, args.prompts_per_step, args.seed)  # global
-        batch = batch[run.rank :: run.world]
+        batch = step_batch(num_prompts, step, args.prompts_per_step, args.seed, run.rank, run.world)
         step_rows = [by_index.get(i, placeholder) for i in batch]
         prompts = [build_prompt(tokenizer, x) for x in step_rows]
         paired = [k for k, i in enumerate(batch) if i in by_index]  # the others are skipped
@@ -213,7 +213,7 @@ def main():
 
         # ---- end of step (TRY NOT TO MODIFY): sums over ranks, AdamW, log, checkpoint ----
         totals = all_reduce(sums)
-        metrics |= optimizer_step(run, args.grad_clip, totals["loss"])  # skipped if not finite
+        metrics |= optimizer_step(run, args.grad_clip, totals)  # skipped if not finite
         metrics["time_train"] = time.time() - t0
         if step == 0:  # phase 1's sampling and rewards, logged once (deviation 4)
             metrics |= phase1[0]

@@ -30,11 +30,11 @@ import torch
 
 from common import (add_sums, all_reduce, copy_weights, dpo_loss, end_step,
                     generator_logps, grad_sync, load_models, micro_batches,
-                    optimizer_step, progress, save_checkpoint, sequence_logps,
-                    start_run, sync_weights, token_sums)  # fmt: skip
-from data import load_task, step_batch, stop_token_ids
+                    optimizer_step, progress, sequence_logps, start_run,
+                    sync_weights, token_sums)  # fmt: skip
+from data import load_task, rollout_steps, step_batch, stop_token_ids
 from eval import end_run, load_reward_model, rollout, validate
-from flags import RunArgs, flag, parse_args
+from flags import RunArgs, flag, parse_args, save_checkpoint
 
 
 @dataclass
@@ -85,6 +85,8 @@ def main():
     load_models(run, args, tokenizer, stop_token_ids(tokenizer), keep)  # policy, ref, generator
     run.rm = load_reward_model(args.reward_model, run.device, args.trust_remote_code)
 
+    ahead = {}  # rollouts sampled ahead of their step (rollout_steps), by step
+    share = (args.prompts_per_step, args.seed, run.rank, run.world)  # this rank's share of a batch
     for step in progress(run, args.steps):
         # ---- 1. sync the generator (and the reference) every s steps; deviation 3 on resuming ----
         synced = step % args.sync == 0 or (step == run.start and math.isfinite(args.sync))
@@ -98,11 +100,13 @@ def main():
         if step == 0 or (args.val_every and step % args.val_every == 0):
             metrics |= validate(run, val_rows, current=synced)
 
-        # ---- 2-3. generate n responses for each of this rank's prompts, score them ----
-        sums = {}  # this rank's sums by metric name, all-reduced and divided as MEANS says
-        batch = step_batch(len(train_rows), step, args.prompts_per_step, args.seed)  # global
-        batch = [train_rows[i] for i in batch[run.rank :: run.world]]
-        prompts, groups, rewards = rollout(run, batch, args.n, step, sums, metrics)
+        # ---- 2-3. generate n responses for each of this rank's prompts, score them: at a sync,
+        # for every step until the next one, in one call (the generator is the same until then) ----
+        if step not in ahead:
+            steps = rollout_steps(step, args.sync, args.steps)
+            batches = [step_batch(len(train_rows), t, *share) for t in steps]
+            ahead = dict(zip(steps, rollout(run, train_rows, batches, args.n, step, metrics)))
+        prompts, groups, rewards, sums = ahead.pop(step)  # sums: all-reduced, divided as in MEANS
 
         # ---- 4. pairs: a random correct response against a random incorrect one ----
         pairs = make_pairs(groups, rewards, random.Random(f"{args.seed}-{step}-{run.rank}"))
@@ -138,7 +142,7 @@ def main():
                 losses = losses - args.entropy_coef * chosen_entropy
                 # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks,
                 # so the gradient is that of (sum of pair losses) / (prompts in the global batch)
-                loss = weight * losses.sum() / len(batch)
+                loss = weight * losses.sum() / len(prompts)
                 loss.backward()
             gen_logps = generator_logps(responses, completion_mask)
             token = token_sums(logps, ref_logps, gen_logps, entropy, completion_mask)
@@ -149,7 +153,7 @@ def main():
 
         # ---- end of step (TRY NOT TO MODIFY): sums over ranks, AdamW, log, checkpoint ----
         totals = all_reduce(sums)
-        metrics |= optimizer_step(run, args.grad_clip, totals["loss"])  # skipped if not finite
+        metrics |= optimizer_step(run, args.grad_clip, totals)  # skipped if not finite
         metrics["time_train"] = time.time() - t0
         end_step(run, metrics, totals, MEANS)  # three skipped updates in a row stop the run
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

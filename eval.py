@@ -30,31 +30,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (
-    add_sums,
-    all_gather,
-    generate,
-    iter_weights,
-    log_metrics,
-    make_sampler,
-    pad_sequences,
-    print0,
-    save_checkpoint,
-    setup_dist,
-    sync_weights,
-)
-from data import (
-    BENCHMARKS,
-    JUDGED,
-    PLAIN_TEMPLATE,
-    build_prompt,
-    default_model_path,
-    load_benchmark,
-    load_task,
-    load_tokenizer,
-    stop_token_ids,
-)
-from flags import checkpoints, fail, flag, load_weights, parse_args
+from common import (add_sums, all_gather, generate, iter_weights, make_sampler, pad_sequences,
+                    print0, setup_dist, sync_weights)  # fmt: skip
+from data import (BENCHMARKS, JUDGED, PLAIN_TEMPLATE, build_prompt, default_model_path,
+                  load_benchmark, load_task, load_tokenizer, stop_token_ids)  # fmt: skip
+from flags import (checkpoints, fail, flag, load_weights, log_metrics, parse_args,
+                   save_checkpoint)  # fmt: skip
 
 # ---- Math reward: Math-Verify in a pool of worker processes, started once and awaited before an
 # answer is timed, so a hang can be killed and any thread may call it. A worker is plain Python (no
@@ -246,27 +227,39 @@ def task_sums(rows, rewards):
 
 
 # ---- The training loops' rollouts, validation and end of run ----
-def rollout(run, rows, n, step, sums, metrics):
-    """Phases 2-3 of a step: n responses for each of this rank's rows from the generator (sampled as
-    the run's rollouts are), scored by score_responses. Returns the prompts' token ids, the groups
-    of Samples and their rewards, [prompts][n]. Adds to `sums` prompts, rollouts, reward, length,
-    reward_timeouts and task_sums, to `metrics` time_gen and time_reward. The HF sampler's draws
-    are seeded by run.seed, `step` and the rank: a resumed run samples what it would have."""
+def rollout(run, rows, batches, n, step, metrics):
+    """Phases 2-3 of one or more steps: n responses from the generator for each row of each batch
+    (row indices, this rank's; sampled as the run's rollouts are), all in one call, as between two
+    syncs the generator does not change; scored by score_responses. Returns, per batch, the prompts'
+    token ids, the groups of Samples, their rewards ([prompts][n]) and sums: prompts, rollouts,
+    reward, length, reward_timeouts, task_sums. Adds the call's time_gen and time_reward to
+    `metrics`. The HF sampler's draws are seeded by run.seed, the batch's step (`step` on) and the
+    rank, one call per batch: a resumed run samples what it would have."""
     t0 = time.time()
-    prompts = [build_prompt(run.tokenizer, r) for r in rows]
-    seed = run.seed * 100003 + step * run.world + run.rank
+    prompts = [[build_prompt(run.tokenizer, rows[i]) for i in batch] for batch in batches]
     sampling = (run.temperature, run.top_p, run.max_new_tokens)
-    groups = generate(run.sampler, prompts, n, *sampling, seed=seed)
+    if run.sampler.kind == "vllm":
+        flat = iter(generate(run.sampler, [p for ps in prompts for p in ps], n, *sampling))
+        groups = [[next(flat) for _ in ps] for ps in prompts]
+    else:
+        seeds = [run.seed * 100003 + (step + k) * run.world + run.rank for k in range(len(batches))]
+        groups = [generate(run.sampler, ps, n, *sampling, seed=s) for ps, s in zip(prompts, seeds)]
     metrics["time_gen"] = metrics.get("time_gen", 0.0) + time.time() - t0
     t0 = time.time()
-    rows_n = [r for r in rows for _ in range(n)]  # each response's data row
-    flat, timeouts = score_responses(rows_n, [s.text for g in groups for s in g], run.rm)
-    rewards = [flat[i * n : (i + 1) * n] for i in range(len(groups))]
+    results = []
+    for batch, batch_prompts, batch_groups in zip(batches, prompts, groups):
+        rows_n = [rows[i] for i in batch for _ in range(n)]  # each response's data row
+        responses = [s.text for g in batch_groups for s in g]
+        flat_rewards, timeouts = score_responses(rows_n, responses, run.rm)
+        rewards = [flat_rewards[k * n : (k + 1) * n] for k in range(len(batch))]
+        sums = {}  # this rank's sums by metric name, all-reduced and divided as MEANS says
+        length = sum(len(s.token_ids) for g in batch_groups for s in g)
+        add_sums(sums, 1.0, prompts=len(batch), rollouts=len(rows_n), reward=sum(flat_rewards),
+                 length=length, reward_timeouts=timeouts,
+                 **task_sums(rows_n, flat_rewards))  # fmt: skip
+        results.append((batch_prompts, batch_groups, rewards, sums))
     metrics["time_reward"] = metrics.get("time_reward", 0.0) + time.time() - t0
-    length = sum(len(s.token_ids) for g in groups for s in g)
-    add_sums(sums, 1.0, prompts=len(rows), rollouts=len(flat), reward=sum(flat), length=length,
-             reward_timeouts=timeouts, **task_sums(rows_n, flat))  # fmt: skip
-    return prompts, groups, rewards
+    return results
 
 
 def validate(run, rows, current):

@@ -1,14 +1,28 @@
 """The flags: each script's own `Args` (its algorithm's knobs) composed with `RunArgs` (what every
 training script shares), parsed from dataclass fields whose flag() declares the help and the checks.
-A wrong value is one line, before any model loads (no `assert`: python -O drops them)."""
+A wrong value is one line, before any model loads (no `assert`: python -O drops them). Then the run
+folder they name: checked, opened (args.json, metrics.jsonl), its checkpoints written and read."""
 
 import argparse
+import contextlib
 import dataclasses
 import glob
+import json
 import math
 import operator
 import os
+import shutil
+import random
 import sys
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+def distributed():
+    """Two or more torchrun ranks (in one process, vLLM starts a 1-rank group of its own)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def fail(message):
@@ -57,7 +71,9 @@ class RunArgs:
         "auto", "vllm, hf, auto (vllm if installed)", choices=["vllm", "hf", "auto"]
     )
     vllm_memory: float = flag(0.3, "fraction of GPU memory vLLM may take", gt=0, max=1)
-    bf16: bool | None = flag(None, "bf16 compute on fp32 master weights (default: on CUDA)")
+    bf16: bool | None = flag(
+        None, "bf16 compute on fp32 master weights (default: on CUDA; AMX CPU: ref, generator only)"
+    )
     grad_ckpt: bool | None = flag(None, "activation checkpointing (default: on CUDA)")
     fsdp: bool | None = flag(None, "FSDP2 shards, not DDP replicas (default: CUDA and >1 rank)")
     # Run
@@ -121,7 +137,7 @@ def parse_args(*classes):
     return args
 
 
-# ---- The run folder they name: --out, --resume ----
+# ---- The run folder they name: --out, --resume; metrics.jsonl; checkpoints ----
 def check_run_folder(out, resume, overwrite):
     """A run never overwrites another by accident. Returns the checkpoint to resume from, or ""."""
     found = checkpoints(resume) if resume else []
@@ -154,3 +170,75 @@ def load_weights(path):
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def open_run(out, config, start, overwrite):
+    """--overwrite clears `out`; args.json; metrics.jsonl keeps the rows before `start`."""
+    path = os.path.join(out, "metrics.jsonl")
+    kept = []
+    if int(os.environ.get("RANK", 0)) == 0:
+        if overwrite and not start and os.path.isdir(out):
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+        json.dump(config, open(os.path.join(out, "args.json"), "w"), indent=1)
+        for line in open(path) if start and os.path.exists(path) else []:
+            with contextlib.suppress(ValueError):  # a line cut off by a kill
+                kept += [row for row in [json.loads(line)] if row["step"] < start]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+    return kept  # rank 0's: the others' are []
+
+
+def log_metrics(run, metrics):
+    """A row into run.history; rank 0 adds it to <out>/metrics.jsonl and prints it."""
+    run.history.append(metrics)
+    if run.rank == 0:
+        with open(os.path.join(run.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+        tqdm.write(" ".join(shown))
+
+
+def save_checkpoint(run, step):
+    """<out>/step_NNNNNN: fp32 weights (FSDP gathers to rank 0's CPU) and trainer_state.pt, written
+    under a temporary name and renamed: a run killed mid-save keeps every earlier one whole."""
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # all to rank 0 only
+    weights = dcp.get_model_state_dict(run.model, options=opts)
+    optimizer = dcp.get_optimizer_state_dict(run.model, run.optimizer, options=opts)
+    if run.rank == 0:
+        path = os.path.join(run.out, f"step_{step:06d}")
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
+        getattr(run.model, "module", run.model).save_pretrained(tmp, state_dict=weights)
+        run.tokenizer.save_pretrained(tmp)
+        rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        state = {"step": step, "optimizer": optimizer, "scheduler": run.scheduler.state_dict()}
+        torch.save(state | rng, os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(path):
+            os.replace(path, path + ".old")  # checkpoints() renames it back if killed here
+        os.replace(tmp, path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
+    if distributed():
+        dist.barrier()
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    """Restores weights, optimizer, scheduler, RNG; returns the step. Rank 0 reads, broadcasts."""
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, mmap=True)
+    # strict=False: tied weights are saved once
+    opts = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed(),
+                                strict=False)  # fmt: skip
+    dcp.set_model_state_dict(model, load_weights(path) if rank0 else {}, options=opts)
+    optim_state = state["optimizer"] if rank0 else {}
+    dcp.set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if rank0:
+        print(f"resumed from {path} at step {state['step']}", flush=True)
+    return state["step"]

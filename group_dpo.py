@@ -40,11 +40,11 @@ import torch
 from common import (add_sums, all_reduce, copy_weights, dpo_loss, end_step,
                     generator_logps, grad_sync, grpo_advantages, grpo_loss,
                     load_models, micro_batches, optimizer_step, progress,
-                    save_checkpoint, sequence_logps, start_run, sync_weights,
+                    sequence_logps, start_run, sync_weights,
                     token_sums)  # fmt: skip
-from data import load_task, step_batch, stop_token_ids
+from data import load_task, rollout_steps, step_batch, stop_token_ids
 from eval import end_run, load_reward_model, rollout, validate
-from flags import RunArgs, flag, parse_args
+from flags import RunArgs, flag, parse_args, save_checkpoint
 
 
 @dataclass
@@ -102,13 +102,13 @@ def group_dpo_loss(policy_logps, ref_logps, labels, beta):
 def group_dpo_coefficients(policy_logps, ref_logps, kept, n, beta, sums):
     """Pass (a) of deviation 6: eq. 4 summed over the kept groups (n consecutive responses each),
     and its derivative with respect to each response's summed log-prob: the coefficient that carries
-    eq. 4's gradient in pass (b). policy_logps, ref_logps: (S,) for the S kept responses, then any
-    dummies'; kept: (prompt index, Sample, label, advantage) of each. Adds the pairs' sums to `sums`
-    (on every rank). Returns the summed loss and the coefficients (S,)."""
+    eq. 4's gradient in pass (b). policy_logps, ref_logps: lists of the micro-batches' (B,), the S
+    kept responses' then any dummies' (no list entry if no rank has a group); kept: (prompt index,
+    Sample, label, advantage) of each. Adds the pairs' sums to `sums` (on every rank). Returns the
+    summed loss and the coefficients (S,)."""
+    policy_logps, ref_logps = (torch.cat(x or [torch.zeros(0)]) for x in (policy_logps, ref_logps))
     policy_logps = policy_logps[: len(kept)].detach().requires_grad_()
-    labels = torch.tensor(
-        [x[2] for x in kept], device=policy_logps.device
-    )  # 1 correct, 0 incorrect
+    labels = torch.tensor([x[2] for x in kept], device=policy_logps.device)  # 1: correct
     lengths = torch.tensor([len(x[1].token_ids) for x in kept], device=policy_logps.device).float()
     add_sums(sums, 0.0, pairs=0, margin=0, pair_acc=0, chosen_length=0, rejected_length=0)
     loss = 0.0
@@ -134,6 +134,8 @@ def main():
     load_models(run, args, tokenizer, stop_token_ids(tokenizer), keep)  # policy, ref, generator
     run.rm = load_reward_model(args.reward_model, run.device, args.trust_remote_code)
 
+    ahead = {}  # rollouts sampled ahead of their step (rollout_steps), by step
+    share = (args.prompts_per_step, args.seed, run.rank, run.world)  # this rank's share of a batch
     for step in progress(run, args.steps):
         # ---- 1. sync the generator (and the reference) every s steps; deviation 3 on resuming ----
         synced = step % args.sync == 0 or (step == run.start and math.isfinite(args.sync))
@@ -147,11 +149,13 @@ def main():
         if step == 0 or (args.val_every and step % args.val_every == 0):
             metrics |= validate(run, val_rows, current=synced)
 
-        # ---- 2-3. generate n responses for each of this rank's prompts, score them ----
-        sums = {}  # this rank's sums by metric name, all-reduced and divided as MEANS says
-        batch = step_batch(len(train_rows), step, args.prompts_per_step, args.seed)  # global
-        batch = [train_rows[i] for i in batch[run.rank :: run.world]]
-        prompts, groups, rewards = rollout(run, batch, args.n, step, sums, metrics)
+        # ---- 2-3. generate n responses for each of this rank's prompts, score them: at a sync,
+        # for every step until the next one, in one call (the generator is the same until then) ----
+        if step not in ahead:
+            steps = rollout_steps(step, args.sync, args.steps)
+            batches = [step_batch(len(train_rows), t, *share) for t in steps]
+            ahead = dict(zip(steps, rollout(run, train_rows, batches, args.n, step, metrics)))
+        prompts, groups, rewards, sums = ahead.pop(step)  # sums: all-reduced, divided as in MEANS
 
         # ---- 4. groups: the prompts with both a correct and an incorrect response ----
         labels, mixed = group_labels(rewards)
@@ -168,9 +172,9 @@ def main():
         inputs = [([prompts[i] for i, *_ in mb], [s for _, s, *_ in mb]) for mb, _, _ in micro]
         # (a) deviation 6: each response's summed log-prob without a graph, then eq. 4's gradient
         with torch.no_grad():
-            policy_seq = torch.cat([sequence_logps(run, run.model, *x)[0].sum(-1) for x in inputs])
+            policy_seq = [sequence_logps(run, run.model, *x)[0].sum(-1) for x in inputs]
             ref_logps = [sequence_logps(run, run.ref, *x)[0] for x in inputs]
-        ref_seq = torch.cat([r.sum(-1) for r in ref_logps])
+        ref_seq = [r.sum(-1) for r in ref_logps]
         group_dpo, coef = group_dpo_coefficients(policy_seq, ref_seq, kept, args.n, args.beta, sums)
         coef = torch.cat([coef, coef.new_zeros(len(micro) * args.micro_batch)])  # the dummies': 0
         correct = {i: max(1, labels[i].count(1.0)) for i in mixed}  # NLL, entropy: their mean
@@ -182,7 +186,8 @@ def main():
                 gen_logps = generator_logps(inputs[m][1], completion_mask)
                 c = coef[m * args.micro_batch : m * args.micro_batch + len(mb)]
                 mb_advantages = torch.tensor([a for *_, a in mb], device=run.device)
-                grpo = grpo_loss(logps, gen_logps, ref_logps[m], mb_advantages, completion_mask,
+                old_logps = logps.detach() if args.sync == 1 else gen_logps  # as grpo.py's
+                grpo = grpo_loss(logps, old_logps, ref_logps[m], mb_advantages, completion_mask,
                                  args.kl_beta, args.clip_eps)[0].sum() / args.n  # fmt: skip
                 w = [(x == 1) / correct.get(i, 1) for i, _, x, _ in mb]  # correct ones: deviation 5
                 w = torch.tensor(w, device=run.device)
@@ -193,7 +198,7 @@ def main():
                 rest = args.grpo_alpha * grpo + (w * ablations).sum()
                 # normaliser: this rank's prompts, skipped ones included; DDP averages over ranks,
                 # so the gradient is that of (sum of group losses) / (prompts in the global batch)
-                loss = weight * ((c * logps.sum(-1)).sum() + rest) / len(batch)
+                loss = weight * ((c * logps.sum(-1)).sum() + rest) / len(prompts)
                 loss.backward()
             token = token_sums(logps, ref_logps[m], gen_logps, entropy, completion_mask)
             add_sums(sums, weight, loss=rest, **token)
@@ -201,7 +206,7 @@ def main():
 
         # ---- end of step (TRY NOT TO MODIFY): sums over ranks, AdamW, log, checkpoint ----
         totals = all_reduce(sums)
-        metrics |= optimizer_step(run, args.grad_clip, totals["loss"])  # skipped if not finite
+        metrics |= optimizer_step(run, args.grad_clip, totals)  # skipped if not finite
         metrics["time_train"] = time.time() - t0
         end_step(run, metrics, totals, MEANS)  # three skipped updates in a row stop the run
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

@@ -17,11 +17,11 @@ Deliberate deviations from the paper and the authors' code:
      two syncs, the generator is given the current weights for it and then its stale ones back.
   3. Resuming syncs the generator (and, with --ref_sync, the reference) at the resumed step, so the
      staleness window restarts there; with --sync inf both stay the seed model.
-  4. The importance ratio's denominator is the generator's own log-prob of each sampled token,
-     clipped PPO-style at 1 +- --clip_eps (the authors' code uses the trainer's detached log-prob:
-     a ratio of exactly 1). With s = 1 and the HF sampler it is 1 and the gradient is the paper's
-     REINFORCE-like one; with vLLM it differs from 1 by the two engines' numerics; with s > 1 it
-     corrects for staleness.
+  4. The importance ratio's denominator: at s = 1 the trainer's own detached log-prob, so the ratio
+     is exactly 1 and the gradient is the paper's REINFORCE-like one (the authors' code), whatever
+     the generator's numerics; at s > 1 the generator's log-prob of each sampled token, clipped
+     PPO-style at 1 +- --clip_eps, which corrects for the staleness. logp_gap always measures the
+     trainer against the generator.
   5. The entropy bonus (--entropy_coef, default 0) is the mean next-token entropy of each
      response, averaged over all responses, as the DPO scripts' bonus is over chosen responses.
 
@@ -37,11 +37,11 @@ import torch
 
 from common import (add_sums, all_reduce, copy_weights, end_step, generator_logps,
                     grad_sync, grpo_advantages, grpo_loss, load_models,
-                    micro_batches, optimizer_step, progress, save_checkpoint,
-                    sequence_logps, start_run, sync_weights, token_sums)  # fmt: skip
-from data import load_task, step_batch, stop_token_ids
+                    micro_batches, optimizer_step, progress, sequence_logps,
+                    start_run, sync_weights, token_sums)  # fmt: skip
+from data import load_task, rollout_steps, step_batch, stop_token_ids
 from eval import end_run, load_reward_model, rollout, validate
-from flags import RunArgs, flag, parse_args
+from flags import RunArgs, flag, parse_args, save_checkpoint
 
 
 @dataclass
@@ -78,6 +78,8 @@ def main():
     load_models(run, args, tokenizer, stop_token_ids(tokenizer), keep)  # policy, ref, generator
     run.rm = load_reward_model(args.reward_model, run.device, args.trust_remote_code)
 
+    ahead = {}  # rollouts sampled ahead of their step (rollout_steps), by step
+    share = (args.prompts_per_step, args.seed, run.rank, run.world)  # this rank's share of a batch
     for step in progress(run, args.steps):
         # ---- 1. sync the generator (and the reference) every s steps; deviation 3 on resuming ----
         synced = step % args.sync == 0 or (step == run.start and math.isfinite(args.sync))
@@ -91,11 +93,13 @@ def main():
         if step == 0 or (args.val_every and step % args.val_every == 0):
             metrics |= validate(run, val_rows, current=synced)
 
-        # ---- 2-3. generate n responses for each of this rank's prompts, score them ----
-        sums = {}  # this rank's sums by metric name, all-reduced and divided as MEANS says
-        batch = step_batch(len(train_rows), step, args.prompts_per_step, args.seed)  # global
-        batch = [train_rows[i] for i in batch[run.rank :: run.world]]
-        prompts, groups, rewards = rollout(run, batch, args.n, step, sums, metrics)
+        # ---- 2-3. generate n responses for each of this rank's prompts, score them: at a sync,
+        # for every step until the next one, in one call (the generator is the same until then) ----
+        if step not in ahead:
+            steps = rollout_steps(step, args.sync, args.steps)
+            batches = [step_batch(len(train_rows), t, *share) for t in steps]
+            ahead = dict(zip(steps, rollout(run, train_rows, batches, args.n, step, metrics)))
+        prompts, groups, rewards, sums = ahead.pop(step)  # sums: all-reduced, divided as in MEANS
 
         # ---- 4. advantages: each response's reward against its prompt's group (section 3) ----
         advantages = grpo_advantages(torch.tensor(rewards), args.std_normalize)  # (prompts, n)
@@ -119,11 +123,12 @@ def main():
                 )
                 with torch.no_grad():
                     ref_logps, _, _ = sequence_logps(run, run.ref, mb_prompts, responses)
-                gen_logps = generator_logps(responses, completion_mask)  # the ratio's (dev. 4)
+                gen_logps = generator_logps(responses, completion_mask)
+                old_logps = logps.detach() if args.sync == 1 else gen_logps  # deviation 4
                 mb_advantages = torch.tensor([a for _, _, a in rollouts_mb], device=run.device)
                 losses, diagnostics = grpo_loss(
                     logps,
-                    gen_logps,
+                    old_logps,
                     ref_logps,
                     mb_advantages,
                     completion_mask,
@@ -142,7 +147,7 @@ def main():
 
         # ---- end of step (TRY NOT TO MODIFY): sums over ranks, AdamW, log, checkpoint ----
         totals = all_reduce(sums)
-        metrics |= optimizer_step(run, args.grad_clip, totals["loss"])  # skipped if not finite
+        metrics |= optimizer_step(run, args.grad_clip, totals)  # skipped if not finite
         metrics["time_train"] = time.time() - t0
         adv_mean = totals["adv"] / totals["rollouts"]
         metrics["adv_std"] = math.sqrt(max(totals["adv_sq"] / totals["rollouts"] - adv_mean**2, 0))

@@ -175,3 +175,33 @@ def test_all_reduce_sums_by_name_and_refuses_different_names(tmp_path):
     assert p.returncode != 0
     line = "probe.py: error: all_reduce: the ranks hold different metrics (pairs not on every rank)"
     assert p.stderr.count(line) == 2, p.stderr[-3000:]
+
+
+def test_vllm_engines_are_independent_and_keep_the_trainers_rngs(tiny_model, tmp_path):
+    """2 ranks, each with its vLLM engine: rank 0 calls generate twice with 3 prompts, rank 1 once
+    with 1 (engines coupled by a data_parallel_size run in lockstep and hang here); building the
+    engine leaves the trainer's random, NumPy and torch streams where they were (vLLM reseeds
+    them)."""
+    need_vllm()
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        f"import random, sys\nsys.path.insert(0, {ROOT!r})\nimport numpy as np, torch\n"
+        "from common import all_gather, generate, make_sampler, setup_dist\n"
+        "from data import load_tokenizer, stop_token_ids\n"
+        f"rank, world, device = setup_dist()\ntok = load_tokenizer({tiny_model!r})\n"
+        "def draws(seed=None):\n"
+        "    if seed is not None:\n"
+        "        random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)\n"
+        "    return random.random(), np.random.rand(), torch.rand(1).item()\n"
+        "draws(5)\n"
+        f"sampler = make_sampler('vllm', {tiny_model!r}, tok, device, rank,\n"
+        "                       stop_token_ids(tok), 256)\n"
+        "after = draws()\ndraws(5)\nkept = after == draws()\n"
+        "prompt = tok('What is 2 * 3?')['input_ids']\n"
+        "calls = [[prompt] * 3, [prompt] * 3] if rank == 0 else [[prompt]]\n"
+        "counts = [len(generate(sampler, p, 2, 1.0, 1.0, 8)) for p in calls]\n"
+        "print(f'rank {rank} rngs kept {kept} generated {counts}', flush=True)\nall_gather(rank)\n"
+    )
+    p = run_script(probe, nproc=2, timeout=300)
+    assert "rank 0 rngs kept True generated [3, 3]" in p.stdout, p.stdout + p.stderr[-3000:]
+    assert "rank 1 rngs kept True generated [1]" in p.stdout, p.stdout + p.stderr[-3000:]

@@ -12,9 +12,10 @@ from conftest import SMALL, TRAIN_KEYS, check_run, metrics, need_vllm, rm_flags,
 
 @pytest.mark.parametrize("sampler", ["hf", "vllm"])
 def test_sync_every_2_steps(tiny_model, rm_task, tmp_path, sampler):
-    """--sync 2 over 4 steps: synced is 1, 0, 1, 0; the trainer agrees with the generator right
-    after a sync and, lr 1e-3 having moved the policy, no longer one step later. Reward-model
-    prompts: every step has pairs."""
+    """--sync 2 over 4 steps: synced is 1, 0, 1, 0, and a sync samples the rollouts of both its
+    steps (time_gen 0 on the other); the trainer agrees with the generator right after a sync and,
+    lr 1e-3 having moved the policy, no longer one step later. Reward-model prompts: every step
+    has pairs."""
     if sampler == "vllm":
         need_vllm()
     out = str(tmp_path / "run")
@@ -24,6 +25,7 @@ def test_sync_every_2_steps(tiny_model, rm_task, tmp_path, sampler):
     keys |= {"skipped_steps", "chosen_length", "rejected_length", "grad_norm", "lr"}
     train = check_run(out, p, 4, keys)
     assert [r["synced"] for r in train] == [1, 0, 1, 0]
+    assert [r["time_gen"] > 0 for r in train] == [True, False, True, False], train
     assert all(r["pairs"] > 0 and r["entropy"] > 0 for r in train), "a step formed no pair"
     assert all(isinstance(r["pairs"], int) and r["reward_timeouts"] == 0 for r in train)
     for r in train:

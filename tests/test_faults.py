@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, metrics, run_script
+from conftest import ROOT, SMALL, metrics, rm_flags, run_script
 from flags import checkpoints, load_weights
 
 SMALL = SMALL[: SMALL.index("--lr")]  # the scripts' own learning rate: these runs check plumbing
@@ -188,7 +188,7 @@ def run_patched(tmp_path, patch, script, *args):
 
 
 # the loss of every micro-batch of the listed steps becomes NaN (step read where the loop asks for
-# its batch)
+# its batch: with --sync 1, at its own step)
 NAN_PATCH = """
 nan_steps = {steps}
 current = [0]
@@ -214,11 +214,13 @@ def test_nan_step_is_skipped(tiny_model, tmp_path):
     assert math.isnan(train[1]["grad_norm"]) and not math.isnan(train[2]["grad_norm"])
 
 
-def test_three_nans_in_a_row_stop_the_run(tiny_model, tmp_path):
+def test_three_nans_in_a_row_stop_the_run(tiny_model, rm_task, tmp_path):
     out = str(tmp_path / "run")
+    # reward-model prompts: every step has pairs, so its loss goes through the patched dpo_loss
     p = run_patched(tmp_path, NAN_PATCH.format(steps="range(1, 99)"), "dpo_semionline.py",
                     "--model", tiny_model, "--sampler", "hf", "--steps", 6, "--save_every", 1,
-                    "--lr", 1e-3, "--out", out, *SMALL)  # fmt: skip
+                    "--sync", 1, "--lr", 1e-3, "--out", out, *SMALL,
+                    *rm_flags(rm_task))  # fmt: skip
     stdout, stderr = p.communicate(timeout=600)
     message = (
         "dpo_semionline.py: error: non-finite loss or gradient norm 3 steps in a row (steps 1-3), "

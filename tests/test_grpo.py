@@ -34,12 +34,13 @@ def test_grpo_sync_every_2_steps(tiny_model, rm_task, tmp_path):
 
 
 def test_vllm_smoke(tiny_model, tmp_path):
-    """A short run with the real vLLM engine; right after a sync the engines agree closely, and the
-    ratio is 1 up to the two engines' numerics."""
+    """A short run with the real vLLM engine: right after a sync the engines agree closely, and at
+    --sync 1 the ratio is the trainer's own (exactly 1: nothing is clipped, whatever the engines'
+    numerics)."""
     need_vllm()
     out = str(tmp_path / "run")
     p = run_script("grpo.py", "--model", tiny_model, "--sampler", "vllm", "--steps", 2,
                    "--sync", 1, "--out", out, *SMALL)  # fmt: skip
     train = check_run(out, p, 2, {"step", "loss", "logp_gap", "kl", "entropy", "time_train"})
     assert all(r["synced"] == 1 and abs(r["logp_gap"]) < 2e-2 for r in train), train
-    assert all(r["clip_frac"] < 0.01 for r in train), train
+    assert all(r["clip_frac"] == 0 for r in train), train

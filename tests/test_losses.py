@@ -272,7 +272,7 @@ def test_group_dpo_two_passes_give_the_one_pass_gradient():
     with torch.no_grad():
         values = token_logps(model, *padded)[0].sum(-1)
     sums = {}
-    loss, coef = group_dpo_coefficients(values, ref, kept, 3, 0.1, sums)
+    loss, coef = group_dpo_coefficients([values], [ref], kept, 3, 0.1, sums)
     assert loss.item() == pytest.approx(one_pass.item(), rel=1e-6)
     assert sums["pairs"] == 2 * 1 + 1 * 2  # 2 correct x 1 incorrect, then 1 x 2
     model.zero_grad()
