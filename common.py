@@ -5,6 +5,7 @@ Flags and the run folder (checkpoints): flags.py; the task: data.py; rewards, ev
 
 import atexit
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import importlib.util
@@ -12,6 +13,7 @@ import logging
 import math
 import os
 import random
+import resource
 import sys
 import time
 
@@ -346,9 +348,10 @@ def _head_logps(h, targets, weight, bias, softcap):
     return logp_all.gather(-1, targets[:, None])[:, 0], entropy
 
 
-def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=256):
+def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=64):
     """log pi(y_t | x, y_<t) and next-token entropy at response positions, 0 elsewhere, [B, L] each.
-    The output layer runs on those positions only, chunked, recomputed in backward: flat memory."""
+    The output layer runs on those positions only, 64 at a time (a chunk of Gemma's 262k-token
+    logits is 67 MB in fp32, its temporaries 4x that), recomputed in backward: flat memory."""
     kwargs = {"output_hidden_states": True, "logits_to_keep": 1}  # the head runs below, chunked
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = out.hidden_states[-1][:, :-1]  # the state at t-1 predicts token t (post final norm)
@@ -566,6 +569,12 @@ def mean_metrics(totals, means):
 def end_step(run, metrics, totals, means):
     """Logs `metrics` and the means of the all-reduced sums; three skipped updates in a row stop."""
     idle = {"time_gen": 0.0, "time_reward": 0.0}  # a step that did not sample (rollout_steps)
+    if run.device.type == "cuda":
+        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    else:  # the process's peak RSS; glibc keeps freed memory mapped unless trimmed: each step
+        metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
     log_metrics(run, {"step": metrics["step"]} | mean_metrics(totals, means) | idle | metrics)
     step = metrics["step"]
     if run.skipped_in_row == 3:

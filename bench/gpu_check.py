@@ -53,7 +53,8 @@ def policy_update(grad_ckpt):
 
     config, cls = llama_1b()
     torch.manual_seed(0)
-    model = cls(config).cuda()  # fp32 master weights
+    with torch.device("cuda"):
+        model = cls(config)  # fp32 master weights
     model.config.use_cache = False
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -94,7 +95,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM, SamplingParams
 from common import Sampler, sync_weights
 llm = LLM({path!r}, dtype="bfloat16", enforce_eager={eager}, gpu_memory_utilization=0.5,
-          max_model_len=1024, seed=0)
+          max_model_len=1024, seed=0, skip_tokenizer_init=True)
 params = SamplingParams(max_tokens=256, min_tokens=256, ignore_eos=True, temperature=1.0)
 prompts = [{{"prompt_token_ids": [1 + i, 2, 3, 4]}} for i in range(64)]
 llm.generate(prompts[:4], params, use_tqdm=False)
