@@ -1,11 +1,10 @@
 """Plumbing shared by the training scripts: torchrun, models, the generator (vLLM, or transformers
 `generate`) and its weight sync, the log-prob and loss kernels, what every loop sets up once and
 does at each step. A script's loop is its algorithm and calls these: fork a script, not this file.
-Flags and the run folder (checkpoints): flags.py; the task: data.py; rewards, evaluation: eval.py"""
+Flags, metrics and checkpoints: flags.py; the task: data.py; rewards, evaluation: eval.py"""
 
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import importlib.util
@@ -13,7 +12,6 @@ import logging
 import math
 import os
 import random
-import resource
 import sys
 import time
 
@@ -21,10 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from flags import check_run_folder, distributed, fail, load_checkpoint, log_metrics, open_run
+from flags import (check_run_folder, distributed, fail, load_checkpoint, open_run,
+                   print0)  # fmt: skip
 
 
 # ---- Distributed: one code path for `python script.py` and `torchrun --nproc_per_node N ...` ----
@@ -45,11 +43,6 @@ def setup_dist():
         # unless the vLLM engine's shutdown destroyed it first (make_sampler)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return rank, world, device
-
-
-def print0(*a, **k):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **k, flush=True)
 
 
 def all_gather(obj):
@@ -84,11 +77,6 @@ def add_sums(sums, weight, **values):
         sums[name] = sums.get(name, 0.0) + weight * float(value)
 
 
-def barrier():
-    if distributed():
-        dist.barrier()
-
-
 # ---- Models: fp32 master weights, bf16 compute ----
 def load_model(path, device, dtype=torch.float32, trust_remote_code=False, grad_ckpt=False):
     """The policy keeps fp32 master weights (in bf16 an update under half an ulp, 0.4% of the value,
@@ -114,8 +102,8 @@ def wrap_model(model, device, fsdp=False, bf16=False):
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    mp = mp or MixedPrecisionPolicy()  # none: fp32 throughout
+    bf16_compute = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if bf16 else {}
+    mp = MixedPrecisionPolicy(**bf16_compute)  # none: fp32 throughout
     for layer in model.get_decoder().layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -256,6 +244,7 @@ def top_p_from_top_k(logits, top_k, top_p, vllm_sort, k=64):
     return logits
 
 
+@torch.no_grad()
 def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, batch_size=16):
     """prompts: list of token-id lists. Returns, per prompt, n Samples."""
     if sampler.kind == "vllm":
@@ -282,21 +271,18 @@ def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, ba
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch]).to(model.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=temperature > 0,
-                                 top_k=0, top_p=top_p, temperature=temperature or None,
-                                 num_return_sequences=n, max_new_tokens=max_new_tokens,
-                                 eos_token_id=sampler.stop_token_ids, pad_token_id=pad,
-                                 use_cache=True)  # fmt: skip
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=temperature > 0,
+                             top_k=0, top_p=top_p, temperature=temperature or None,
+                             num_return_sequences=n, max_new_tokens=max_new_tokens,
+                             eos_token_id=sampler.stop_token_ids, pad_token_id=pad,
+                             use_cache=True)  # fmt: skip
         responses = []
         for row in out[:, width:].tolist():
             stop = next((j for j, t in enumerate(row) if t in sampler.stop_token_ids), len(row) - 1)
             responses.append(row[: stop + 1])
         # the generator's log-probs, recomputed by teacher forcing with the kernel the trainer uses
-        responses_prompts = [batch[k // n] for k in range(len(responses))]
-        padded = pad_sequences(responses_prompts, responses, pad, model.device)
-        with torch.no_grad():
-            logps, _ = token_logps(model, *padded)
+        padded = pad_sequences([p for p in batch for _ in range(n)], responses, pad, model.device)
+        logps, _ = token_logps(model, *padded)
         for k, r in enumerate(responses):
             text = sampler.tokenizer.decode(r, skip_special_tokens=True)
             samples.append(Sample(r, text, logps[k][padded[2][k]].tolist()))
@@ -317,13 +303,10 @@ def sync_weights(sampler, weights, keep=True):
         sampler.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         return time.time() - t0
     params = sampler.engine.state_dict()
-    seen = set()
-    with torch.no_grad():
-        for name, t in weights:
-            params[name].copy_(t)  # an unknown name raises: the two models must match
-            seen.add(name)
-    if params.keys() - seen:  # the HF generator must receive every weight
-        raise RuntimeError(f"weight sync left weights unset: {sorted(params.keys() - seen)[:5]}")
+    for name, t in weights:  # an unknown name raises: the two models must match
+        params.pop(name).copy_(t)  # state_dict()'s tensors are detached: no autograd
+    if params:  # the HF generator must receive every weight
+        raise RuntimeError(f"weight sync left weights unset: {sorted(params)[:5]}")
     return time.time() - t0
 
 
@@ -340,37 +323,100 @@ def pad_sequences(prompts, responses, pad_id, device):
 
 
 def _head_logps(h, targets, weight, bias, softcap):
+    """A chunk's log p(target), entropy, log-softmax and (soft-capped) logits, in fp32."""
     logits = F.linear(h, weight, bias).float()
     if softcap:  # e.g. Gemma-2's final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
     logp_all = logits.log_softmax(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp_all.gather(-1, targets[:, None])[:, 0], entropy
+    return logp_all.gather(-1, targets[:, None])[:, 0], entropy, logp_all, logits
 
 
-def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=64):
-    """log pi(y_t | x, y_<t) and next-token entropy at response positions, 0 elsewhere, [B, L] each.
-    The output layer runs on those positions only, 64 at a time (a chunk of Gemma's 262k-token
-    logits is 67 MB in fp32, its temporaries 4x that), recomputed in backward: flat memory."""
+class HeadLogps(torch.autograd.Function):
+    """The output layer's log p(target) and entropy, `chunk` rows at a time, no [rows, V] logits
+    kept: backward recomputes each chunk's, adding W's gradient into one buffer in place (autograd
+    would make a fresh [V, D] per chunk: Gemma's is 670 MB, and ~0.2 s of page faults on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, h, targets, weight, bias, softcap, chunk):
+        amp = h.device.type  # backward recomputes under the forward's autocast
+        ctx.amp = torch.get_autocast_dtype(amp) if torch.is_autocast_enabled(amp) else None
+        ctx.save_for_backward(h, targets, weight, bias)
+        ctx.softcap, ctx.chunk = softcap, chunk
+        rows = [slice(i, i + chunk) for i in range(0, max(1, len(h)), chunk)]
+        parts = [_head_logps(h[r], targets[r], weight, bias, softcap)[:2] for r in rows]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, targets, weight, bias = ctx.saved_tensors
+        softcap = ctx.softcap
+        grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(weight)
+        grad_b = None if bias is None else torch.zeros_like(bias)
+        for i in range(0, len(h), ctx.chunk):
+            r = slice(i, i + ctx.chunk)
+            with torch.autocast(h.device.type, ctx.amp or torch.float32, enabled=bool(ctx.amp)):
+                _, entropy, logp_all, logits = _head_logps(h[r], targets[r], weight, bias, softcap)
+            # d log p(t) / dz = onehot(t) - p; d entropy / dz = -p (log p + entropy)
+            g_logp, g_entropy = grad_logp[r, None], grad_entropy[r, None]
+            g = -logp_all.exp() * (g_logp + g_entropy * (logp_all + entropy[:, None]))
+            g = g.scatter_add_(-1, targets[r, None], g_logp)
+            if softcap:  # z = c tanh(u / c): dz / du = 1 - (z / c)^2
+                g = g * (1 - (logits / softcap) ** 2)
+            g = g.to(weight.dtype)
+            grad_h[r] = g @ weight
+            grad_w.addmm_(g.T, h[r].to(weight.dtype))
+            if bias is not None:
+                grad_b += g.sum(0)
+        return grad_h, None, grad_w, grad_b, None, None
+
+
+def share_prefixes(input_ids, attention_mask, config):
+    """The batch as one row where a prefix that sequences share (the few-shot prompt, a group's
+    prompt) is once, a trie: each token attends to its own path, at its depth's position. ids,
+    position_ids [1, N], mask [1, 1, N, N], each token's place in the row [B, L] (0 at pads); None
+    if that saves under a third of the tokens or the attention cannot take it (flash; a window)."""
+    lengths = attention_mask.sum(-1).tolist()
+    window = getattr(config, "sliding_window", None) or math.inf
+    if getattr(config, "_attn_implementation", None) != "sdpa" or max(lengths) > window:
+        return None
+    trie = {}  # (parent's place, token) -> place in the row, in order
+    index = torch.zeros_like(input_ids, device="cpu")
+    for b, (seq, n) in enumerate(zip(input_ids.tolist(), lengths)):
+        node = -1  # the root
+        for d, t in enumerate(seq[:n]):
+            node = trie.setdefault((node, t), len(trie))
+            index[b, d] = node
+    if len(trie) > input_ids.numel() * 2 / 3:
+        return None
+    ids = torch.tensor([[t for _, t in trie]])
+    position_ids = torch.zeros_like(ids)
+    mask = torch.zeros(len(trie), len(trie), dtype=torch.bool)
+    for b, n in enumerate(lengths):  # each token attends to the tokens of its path up to itself
+        path = index[b, :n]
+        position_ids[0, path] = torch.arange(n)
+        mask[path[:, None], path[None, :]] |= torch.ones(n, n, dtype=torch.bool).tril()
+    return [t.to(input_ids.device) for t in (ids, position_ids, mask[None, None], index)]
+
+
+def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=64, share=True):
+    """log pi(y_t | x, y_<t) and next-token entropy at response positions, 0 elsewhere, [B, L] each;
+    shared prefixes computed once (share_prefixes). The output layer: at response positions only,
+    64 at a time (67 MB of Gemma's fp32 logits, 4x that in temporaries), recomputed in backward."""
     kwargs = {"output_hidden_states": True, "logits_to_keep": 1}  # the head runs below, chunked
-    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    hidden = out.hidden_states[-1][:, :-1]  # the state at t-1 predicts token t (post final norm)
-    mask = completion_mask[:, 1:]
+    packed = share and share_prefixes(input_ids, attention_mask, unwrap(model).config)
+    ids, position_ids, mask, index = packed or (input_ids, None, attention_mask, None)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+    hidden = (out.hidden_states[-1][0][index] if packed else out.hidden_states[-1])[:, :-1]
+    mask = completion_mask[:, 1:]  # the state at t-1 (after the final norm) predicts token t
     h, targets = hidden[mask], input_ids[:, 1:][mask]
     head = unwrap(model).get_output_embeddings()
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-    parts = []
-    for i in range(0, h.shape[0], chunk_size):
-        args = (h[i : i + chunk_size], targets[i : i + chunk_size], head.weight, head.bias, softcap)
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_head_logps, *args, use_reentrant=False))
-        else:
-            parts.append(_head_logps(*args))
+    values = HeadLogps.apply(h, targets, head.weight, head.bias, softcap, chunk_size)
     logps = torch.zeros(input_ids.shape, device=h.device, dtype=torch.float32)
     entropy = torch.zeros_like(logps)
-    if parts:
-        logps[:, 1:] = logps[:, 1:].masked_scatter(mask, torch.cat([p[0] for p in parts]))
-        entropy[:, 1:] = entropy[:, 1:].masked_scatter(mask, torch.cat([p[1] for p in parts]))
+    logps[:, 1:] = logps[:, 1:].masked_scatter(mask, values[0])
+    entropy[:, 1:] = entropy[:, 1:].masked_scatter(mask, values[1])
     return logps, entropy
 
 
@@ -396,10 +442,9 @@ def grpo_advantages(rewards, std_normalize=True, eps=1e-6):
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, kl_beta, clip_eps):
     """Token-level GRPO loss: per response token the clipped PPO surrogate plus kl_beta x the k3
-    estimate of KL(policy || reference), summed over each sequence's tokens (no length
-    normalisation: section 3). logps, old_logps (the generator's; at s = 1 the trainer's,
-    detached), ref_logps, completion_mask: [B, T]; advantages: [B]. Returns the per-sequence losses
-    [B] and "clipped": each sequence's tokens whose ratio was clipped [B]."""
+    KL(policy || reference) estimate, summed over each sequence's tokens (no length normalisation:
+    section 3). logps, old_logps (the generator's; at s = 1 the trainer's, detached), ref_logps,
+    completion_mask: [B, T]; advantages [B]. Per-sequence losses [B]; "clipped": tokens clipped."""
     ratio = torch.exp(logps - old_logps)  # 1 on-policy: the gradient is REINFORCE's, A grad log p
     a = advantages[:, None]
     surrogate = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)  # PPO clip
@@ -484,8 +529,7 @@ def load_models(run, args, tokenizer, stop_token_ids, keep_generator_weights=Fal
     run.optimizer, run.scheduler = make_optimizer(run.model, args)
     if run.ckpt:
         run.start = load_checkpoint(run.ckpt, run.model, run.optimizer, run.scheduler)
-    layout = {"world_size": run.world, "bf16": run.bf16, "copies_bf16": run.copies_bf16}
-    layout |= {"fsdp": run.fsdp}
+    layout = dict(world_size=run.world, bf16=run.bf16, copies_bf16=run.copies_bf16, fsdp=run.fsdp)
     config = dataclasses.asdict(args) | layout
     run.history = all_gather(open_run(run.out, config, run.start, args.overwrite))[0]
     run.skipped_steps = max([r.get("skipped_steps", 0) for r in run.history], default=0)
@@ -540,12 +584,11 @@ def token_sums(logps, ref_logps, gen_logps, entropy, completion_mask):
 def optimizer_step(run, grad_clip, totals):
     """Clips, steps AdamW; a non-finite loss (totals': the same on every rank) or gradient norm
     skips the update, counted. Returns grad_norm, lr, skipped_steps."""
-    loss = totals.get("loss", 0.0)  # none: no rank had anything to train on
     for p in run.model.parameters():  # no micro-batch ran (micro_batches): zero gradients
         p.grad = torch.zeros_like(p) if p.grad is None and p.requires_grad else p.grad
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    ok = math.isfinite(grad_norm) and math.isfinite(loss)
+    ok = math.isfinite(grad_norm) and math.isfinite(totals.get("loss", 0.0))  # none: no data
     if ok:
         run.optimizer.step()
     run.scheduler.step()
@@ -554,29 +597,3 @@ def optimizer_step(run, grad_clip, totals):
     run.skipped_in_row = 0 if ok else run.skipped_in_row + 1
     lr = run.scheduler.get_last_lr()[0]
     return {"grad_norm": grad_norm, "lr": lr, "skipped_steps": run.skipped_steps}
-
-
-def mean_metrics(totals, means):
-    """Each metric in `means`: its sum divided by the count it is listed under (a count of 0: left
-    out), or under None the sum itself, a whole number. A sum no micro-batch added to is 0."""
-    metrics = {name: int(totals.get(name, 0)) for name in means.get(None, [])}
-    for count, names in means.items():
-        if count and totals.get(count):
-            metrics |= {name: totals.get(name, 0.0) / totals[count] for name in names}
-    return metrics
-
-
-def end_step(run, metrics, totals, means):
-    """Logs `metrics` and the means of the all-reduced sums; three skipped updates in a row stop."""
-    idle = {"time_gen": 0.0, "time_reward": 0.0}  # a step that did not sample (rollout_steps)
-    if run.device.type == "cuda":
-        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    else:  # the process's peak RSS; glibc keeps freed memory mapped unless trimmed: each step
-        metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        with contextlib.suppress(OSError, AttributeError):  # not glibc
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-    log_metrics(run, {"step": metrics["step"]} | mean_metrics(totals, means) | idle | metrics)
-    step = metrics["step"]
-    if run.skipped_in_row == 3:
-        fail(f"non-finite loss or gradient norm 3 steps in a row (steps {step - 2}-{step}), "
-             f"updates skipped: stopping; the last checkpoint in {run.out} is intact")  # fmt: skip

@@ -11,8 +11,7 @@ import random
 
 import torch
 
-from common import barrier, print0
-from flags import fail
+from flags import barrier, fail, print0
 
 # ---- Prompts ----
 # Paper section 3.2: the math prompt, sent through the tokenizer's chat template (Llama-3.1)

@@ -37,14 +37,14 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import (Sample, add_sums, all_gather, all_reduce, barrier, dpo_loss,
-                    end_step, generator_logps, grad_sync, load_models, micro_batches,
+from common import (Sample, add_sums, all_gather, all_reduce, dpo_loss,
+                    generator_logps, grad_sync, load_models, micro_batches,
                     optimizer_step, print0, progress, sequence_logps, start_run,
                     token_sums)  # fmt: skip
 from data import build_prompt, load_task, read_jsonl, step_batch, stop_token_ids
 from dpo_semionline import make_pairs  # section 2's pairs, as online
 from eval import end_run, load_reward_model, rollout, validate
-from flags import RunArgs, fail, flag, parse_args, save_checkpoint
+from flags import RunArgs, barrier, end_step, fail, flag, parse_args, save_checkpoint
 
 
 @dataclass

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (add_sums, all_reduce, copy_weights, dpo_loss, end_step,
+from common import (add_sums, all_reduce, copy_weights, dpo_loss,
                     generator_logps, grad_sync, load_models, micro_batches,
                     optimizer_step, progress, sequence_logps, start_run,
                     sync_weights, token_sums)  # fmt: skip
 from data import load_task, rollout_steps, step_batch, stop_token_ids
 from eval import end_run, load_reward_model, rollout, validate
-from flags import RunArgs, flag, parse_args, save_checkpoint
+from flags import RunArgs, end_step, flag, parse_args, save_checkpoint
 
 
 @dataclass

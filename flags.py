@@ -1,10 +1,12 @@
 """The flags: each script's own `Args` (its algorithm's knobs) composed with `RunArgs` (what every
 training script shares), parsed from dataclass fields whose flag() declares the help and the checks.
 A wrong value is one line, before any model loads (no `assert`: python -O drops them). Then the run
-folder they name: checked, opened (args.json, metrics.jsonl), its checkpoints written and read."""
+folder they name: checked, opened (args.json, metrics.jsonl), its checkpoints written and read;
+the end of each step (end_step): the metrics' means logged, a run of skipped updates stopped."""
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import glob
 import json
@@ -13,6 +15,7 @@ import operator
 import os
 import shutil
 import random
+import resource
 import sys
 
 import torch
@@ -23,6 +26,16 @@ from tqdm import tqdm
 def distributed():
     """Two or more torchrun ranks (in one process, vLLM starts a 1-rank group of its own)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def barrier():
+    if distributed():
+        dist.barrier()
 
 
 def fail(message):
@@ -242,3 +255,29 @@ def load_checkpoint(path, model, optimizer, scheduler):
     if rank0:
         print(f"resumed from {path} at step {state['step']}", flush=True)
     return state["step"]
+
+
+def mean_metrics(totals, means):
+    """Each metric in `means`: its sum divided by the count it is listed under (a count of 0: left
+    out), or under None the sum itself, a whole number. A sum no micro-batch added to is 0."""
+    metrics = {name: int(totals.get(name, 0)) for name in means.get(None, [])}
+    for count, names in means.items():
+        if count and totals.get(count):
+            metrics |= {name: totals.get(name, 0.0) / totals[count] for name in names}
+    return metrics
+
+
+def end_step(run, metrics, totals, means):
+    """Logs `metrics` and the means of the all-reduced sums; three skipped updates in a row stop."""
+    idle = {"time_gen": 0.0, "time_reward": 0.0}  # a step that did not sample (rollout_steps)
+    if run.device.type == "cuda":
+        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    else:  # the process's peak RSS; glibc keeps freed memory mapped unless trimmed: each step
+        metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    log_metrics(run, {"step": metrics["step"]} | mean_metrics(totals, means) | idle | metrics)
+    step = metrics["step"]
+    if run.skipped_in_row == 3:
+        fail(f"non-finite loss or gradient norm 3 steps in a row (steps {step - 2}-{step}), "
+             f"updates skipped: stopping; the last checkpoint in {run.out} is intact")  # fmt: skip

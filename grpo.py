@@ -35,13 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (add_sums, all_reduce, copy_weights, end_step, generator_logps,
+from common import (add_sums, all_reduce, copy_weights, generator_logps,
                     grad_sync, grpo_advantages, grpo_loss, load_models,
                     micro_batches, optimizer_step, progress, sequence_logps,
                     start_run, sync_weights, token_sums)  # fmt: skip
 from data import load_task, rollout_steps, step_batch, stop_token_ids
 from eval import end_run, load_reward_model, rollout, validate
-from flags import RunArgs, flag, parse_args, save_checkpoint
+from flags import RunArgs, end_step, flag, parse_args, save_checkpoint
 
 
 @dataclass

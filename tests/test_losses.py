@@ -73,6 +73,97 @@ def test_token_logps_matches_full_logits():
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_logps_gradient_is_autograds(softcap):
+    """The chunked output layer's hand-written backward (log p(target) and entropy, soft-capped
+    logits, a bias) against autograd through the whole [rows, V] logits."""
+    from common import HeadLogps, _head_logps
+
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, requires_grad=True)
+    weight = torch.randn(11, 5, requires_grad=True)
+    bias = torch.randn(11, requires_grad=True)
+    targets = torch.randint(0, 11, (7,))
+    g_logp, g_entropy = torch.randn(7), torch.randn(7)
+    results = []
+    for head in (lambda: HeadLogps.apply(h, targets, weight, bias, softcap, 3),
+                 lambda: _head_logps(h, targets, weight, bias, softcap)[:2]):  # fmt: skip
+        logp, entropy = head()
+        grads = torch.autograd.grad((logp * g_logp + entropy * g_entropy).sum(), (h, weight, bias))
+        results.append((logp, entropy, *grads))
+    for ours, autograds in zip(*results):  # fp32 rounding apart (observed < 1e-6)
+        assert torch.allclose(ours, autograds, atol=1e-5)
+
+
+def test_share_prefixes_is_a_trie_with_tree_attention():
+    from types import SimpleNamespace
+
+    from common import share_prefixes
+
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]]
+    input_ids, attn, _ = pad_sequences(seqs, [[]] * 3, 0, torch.device("cpu"))
+    sdpa = SimpleNamespace(_attn_implementation="sdpa")
+    ids, position_ids, mask, index = share_prefixes(input_ids, attn, sdpa)
+    assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7]]  # 7 tokens for the batch's 12
+    assert position_ids.tolist() == [[0, 1, 2, 3, 3, 4, 2]]  # each token's depth
+    assert index.tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 4, 5], [0, 1, 6, 0, 0]]
+    ancestors = {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 2, 4],
+                 5: [0, 1, 2, 4, 5], 6: [0, 1, 6]}  # fmt: skip
+    for a, path in ancestors.items():  # each token sees its own path, not its siblings'
+        assert mask[0, 0, a].nonzero()[:, 0].tolist() == path
+    # nothing shared, another attention, or a window shorter than a sequence: the padded batch
+    lone, lone_attn, _ = pad_sequences([[1, 2], [3, 4]], [[], []], 0, torch.device("cpu"))
+    assert share_prefixes(lone, lone_attn, sdpa) is None
+    assert share_prefixes(input_ids, attn, SimpleNamespace(_attn_implementation="eager")) is None
+    windowed = SimpleNamespace(_attn_implementation="sdpa", sliding_window=4)
+    assert share_prefixes(input_ids, attn, windowed) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_token_logps_shared_prefixes_equal_the_padded_batch(arch):
+    """Prompts with a common few-shot part, groups of responses per prompt: the log-probs, entropy
+    and gradient with each prefix computed once equal the padded batch's, for Llama and for Gemma-3
+    (its sliding-window layers, soft-capped logits)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from common import share_prefixes
+
+    rng = random.Random(0)
+    fewshot = [rng.randrange(3, 50) for _ in range(30)]
+    prompts, responses = [], []
+    for _ in range(3):
+        problem = fewshot + [rng.randrange(3, 50) for _ in range(rng.randrange(3, 8))]
+        for _ in range(2):
+            prompts.append(problem)
+            responses.append([rng.randrange(3, 50) for _ in range(rng.randrange(1, 9))])
+    if arch == "llama":
+        model = tiny_random_model()
+    else:
+        torch.manual_seed(0)
+        layers = ["sliding_attention", "full_attention"]
+        config = Gemma3TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                  head_dim=16, pad_token_id=0, sliding_window=64,
+                                  layer_types=layers, final_logit_softcapping=30.0)  # fmt: skip
+        model = Gemma3ForCausalLM(config).float()
+    model.config._attn_implementation = "sdpa"
+    padded = pad_sequences(prompts, responses, 0, torch.device("cpu"))
+    assert len(share_prefixes(*padded[:2], model.config)[0][0]) < padded[0].numel() / 2
+    weights = torch.arange(1.0, len(prompts) + 1)  # a different weight per sequence
+    results = []
+    for share in (False, True):
+        logps, entropy = token_logps(model, *padded, chunk_size=5, share=share)
+        params = list(model.parameters())
+        grads = torch.autograd.grad((logps.sum(-1) * weights).sum() + entropy.sum(), params)
+        results.append((logps, entropy, torch.cat([g.flatten() for g in grads])))
+    (lp, ent, grad), (lp_shared, ent_shared, grad_shared) = results
+    assert lp.abs().sum() > 0 and grad.norm() > 0
+    assert torch.allclose(lp_shared, lp, atol=1e-5)
+    assert torch.allclose(ent_shared, ent, atol=1e-5)
+    # fp32 rounding: another order of sums (observed ~1e-7 of the gradient's scale)
+    assert torch.allclose(grad_shared, grad, rtol=0, atol=1e-5 * grad.abs().max())
+
+
 def test_grpo_advantages_by_hand():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0],
                             [0.3, 0.3, 0.3, 0.3]])  # fmt: skip

@@ -179,7 +179,7 @@ def test_rm_scores_match_hand_computation(rms, kind):
 def test_mixed_batch_routing(rms):
     """Rows with an answer get Math-Verify's 0/1, rows without get the reward model's score, in one
     batch; the per-task means as the training scripts log them."""
-    from common import mean_metrics
+    from flags import mean_metrics
     from eval import load_reward_model, rm_scores, score_responses, task_sums
 
     assert load_reward_model("", torch.device("cpu")) is None  # no --reward_model

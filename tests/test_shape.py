@@ -1,5 +1,5 @@
 """The shape a reader relies on, counted: each training loop is its algorithm (main() at most 90
-lines, a script at most 230), the plumbing lives once (common.py at most 600 lines, flags.py 250,
+lines, a script at most 230), the plumbing lives once (common.py at most 600 lines, flags.py 300,
 data.py 300, eval.py 600), the formatter's layout and no line over 100 characters, a README that is
 an entry point."""
 
@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["dpo_offline.py", "dpo_semionline.py", "grpo.py", "group_dpo.py"]
-BUDGETS = {"common.py": 600, "flags.py": 250, "data.py": 300, "eval.py": 600, "README.md": 250}
+BUDGETS = {"common.py": 600, "flags.py": 300, "data.py": 300, "eval.py": 600, "README.md": 250}
 
 
 def lines(name):
