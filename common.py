@@ -466,7 +466,7 @@ class Run:
     world: int
     device: torch.device
     bf16: bool  # bf16 compute (autocast, or FSDP2's mixed precision) on fp32 master weights
-    copies_bf16: bool  # the reference and the generator in bf16 (with bf16, or on an AMX CPU)
+    copies_bf16: bool  # the reference and the generator in bf16 (with bf16, or a bf16 CPU)
     fsdp: bool
     ckpt: str  # the checkpoint to resume from, or ""
     seed: int
@@ -498,8 +498,9 @@ def start_run(args):
     random.seed(args.seed)
     cuda = device.type == "cuda"
     bf16 = cuda if args.bf16 is None else args.bf16  # unset: bf16 compute on a GPU
-    # unset, on a CPU with bf16 matrix units (AMX): the frozen copies in bf16, half their memory
-    copies = bf16 or (args.bf16 is None and not cuda and torch.cpu._is_amx_tile_supported())
+    # unset, on a CPU with bf16 matmul (AMX, AVX512-BF16): the frozen copies in bf16, half as big
+    cpu_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    copies = bf16 or (args.bf16 is None and not cuda and cpu_bf16)
     fsdp = cuda and world > 1 if args.fsdp is None else args.fsdp
     sampling = (args.temperature, args.top_p, args.max_new_tokens)
     return Run(name, args.out, rank, world, device, bf16, copies, fsdp, ckpt, args.seed, *sampling)

@@ -85,7 +85,7 @@ class RunArgs:
     )
     vllm_memory: float = flag(0.3, "fraction of GPU memory vLLM may take", gt=0, max=1)
     bf16: bool | None = flag(
-        None, "bf16 compute on fp32 master weights (default: on CUDA; AMX CPU: ref, generator only)"
+        None, "bf16 compute on fp32 master weights (default: on CUDA; bf16 CPU: ref, generator)"
     )
     grad_ckpt: bool | None = flag(None, "activation checkpointing (default: on CUDA)")
     fsdp: bool | None = flag(None, "FSDP2 shards, not DDP replicas (default: CUDA and >1 rank)")
