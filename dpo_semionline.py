@@ -47,7 +47,7 @@ class Args:
     n: int = flag(4, "responses sampled per prompt", min=2, aliases=["--num_responses"])
     nll_coef: float = flag(0.0, "weight of the length-normalised NLL of chosen responses", min=0)
     entropy_coef: float = flag(0.0, "weight of the entropy bonus on chosen responses", min=0)
-    micro_batch: int = flag(8, "sequences per forward/backward; a pair is 2", min=2)
+    micro_batch: int = flag(16, "sequences per forward/backward; a pair is 2", min=2)
 
 
 # the logged metrics: each one's sum over the global batch, divided by the count it is listed under
