@@ -87,7 +87,7 @@ class RunArgs:
     bf16: bool | None = flag(
         None, "bf16 compute on fp32 master weights (default: on CUDA; bf16 CPU: ref, generator)"
     )
-    grad_ckpt: bool | None = flag(None, "activation checkpointing (default: on CUDA)")
+    grad_ckpt: bool = flag(True, "activation checkpointing: each decoder layer recomputed")
     fsdp: bool | None = flag(None, "FSDP2 shards, not DDP replicas (default: CUDA and >1 rank)")
     # Run
     val_every: int = flag(0, "validate every k steps (always before and after)", min=0)
@@ -273,7 +273,7 @@ def end_step(run, metrics, totals, means):
     if run.device.type == "cuda":
         metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     else:  # the process's peak RSS; glibc keeps freed memory mapped unless trimmed: each step
-        metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
         with contextlib.suppress(OSError, AttributeError):  # not glibc
             ctypes.CDLL("libc.so.6").malloc_trim(0)
     log_metrics(run, {"step": metrics["step"]} | mean_metrics(totals, means) | idle | metrics)

@@ -36,7 +36,7 @@ def run(cmd, log):
         _, status, usage = os.wait4(p.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{' '.join(map(str, cmd))} failed: see {log}")
-    return time.time() - t0, usage.ru_maxrss / 1e6  # kB on Linux
+    return time.time() - t0, usage.ru_maxrss * 1024 / 1e9  # KiB on Linux
 
 
 def gemm_peak():
