@@ -93,7 +93,9 @@ def load_model(path, device, dtype=torch.float32, trust_remote_code=False, grad_
 
 def wrap_model(model, device, fsdp=False, bf16=False):
     """DDP; or FSDP2 (`fully_shard` per decoder layer, then the root), bf16 compute if bf16."""
-    if not distributed():
+    if not distributed():  # tied embeddings: the lookup's gradient its rows (HeadLogps' into_grad)
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        embed.sparse = head is not None and embed.weight is head.weight  # DDP, FSDP2: dense only
         return model
     if not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -140,9 +142,8 @@ def grad_sync(model, enabled):
 def make_optimizer(model, args):
     """AdamW, fused (one kernel, no temporaries; 6x faster on a CPU); linear warmup, then cosine
     decay to lr_min_ratio * lr (the authors' defaults)."""
-    betas = (args.adam_beta1, args.adam_beta2)
-    optimizer = torch.optim.AdamW(model.parameters(), args.lr, betas, args.adam_eps,
-                                  args.weight_decay, fused=True)  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), args.lr, (args.adam_beta1, args.adam_beta2),
+                                  args.adam_eps, args.weight_decay, fused=True)  # fmt: skip
     warmup, ratio = args.warmup_steps, args.lr_min_ratio
 
     def schedule(s):
@@ -186,9 +187,8 @@ def make_sampler(kind, model_path, tokenizer, device, seed, stop_token_ids, max_
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no IPC for weights
     on_cpu = {}
     if device.type == "cpu":
-        # vLLM-CPU sizes its KV cache from the process's memory, the trainer's models included: 14k
-        # tokens of Gemma-3-270M's instead (0.5 GiB in fp32); it would cut torch to one thread. 64
-        # sequences at a time, not 256: a quarter of its [seqs, vocab] logits (0.65 GB), 6% slower
+        # vLLM-CPU would size its KV cache from the process's memory and cut torch to one thread:
+        # 14k Gemma-3-270M tokens (0.5 GiB fp32); 64 sequences, not 256: [seqs, V] logits 0.65 GB
         size = {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"kv_cache_memory_bytes": 2**29}
         on_cpu = {k: v * dtype.itemsize // 4 for k, v in size.items()} | {"max_num_seqs": 64}
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
@@ -250,7 +250,6 @@ def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, ba
     if sampler.kind == "vllm":
         from vllm import SamplingParams
 
-        # logprobs=0: the sampled token's log-prob
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, logprobs=0,
                                 max_tokens=max_new_tokens,
                                 stop_token_ids=sampler.stop_token_ids)  # fmt: skip
@@ -262,8 +261,7 @@ def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, ba
             groups += [[Sample(list(c.token_ids), decode(c.token_ids), x)
                         for c, x in zip(o.outputs, logps)]]  # fmt: skip
         return groups
-    model = sampler.engine
-    pad = sampler.tokenizer.pad_token_id
+    model, pad = sampler.engine, sampler.tokenizer.pad_token_id
     samples = []
     torch.manual_seed(seed)  # per-call seed: a resumed run samples what the original would have
     for i in range(0, len(prompts), batch_size):
@@ -296,8 +294,7 @@ def sync_weights(sampler, weights, keep=True):
     if isinstance(weights, torch.nn.Module):
         weights = iter_weights(weights, sampler.dtype)
     if keep and sampler.held is not None:  # a copy: on a CPU, .cpu() would alias the live weights
-        weights = [(k, v.to("cpu", copy=True)) for k, v in weights]
-        sampler.held = weights
+        sampler.held = weights = [(k, v.to("cpu", copy=True)) for k, v in weights]
     if sampler.kind == "vllm":
         sampler.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         sampler.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
@@ -334,15 +331,16 @@ def _head_logps(h, targets, weight, bias, softcap):
 
 class HeadLogps(torch.autograd.Function):
     """The output layer's log p(target) and entropy, `chunk` rows at a time, no [rows, V] logits
-    kept: backward recomputes each chunk's, adding W's gradient into one buffer in place (autograd
-    would make a fresh [V, D] per chunk: Gemma's is 670 MB, and ~0.2 s of page faults on a CPU)."""
+    kept: backward recomputes each chunk's, adding W's gradient into one [V, D] in place (not one
+    per chunk); into_grad: into weight.grad, which wrap_model's sparse tied lookup joins in place
+    (returned, the two would be summed out of place: one [V, D] more, Gemma's 670 MB)."""
 
     @staticmethod
-    def forward(ctx, h, targets, weight, bias, softcap, chunk):
+    def forward(ctx, h, targets, weight, bias, softcap, chunk, into_grad=False):
         amp = h.device.type  # backward recomputes under the forward's autocast
         ctx.amp = torch.get_autocast_dtype(amp) if torch.is_autocast_enabled(amp) else None
         ctx.save_for_backward(h, targets, weight, bias)
-        ctx.softcap, ctx.chunk = softcap, chunk
+        ctx.softcap, ctx.chunk, ctx.into_grad = softcap, chunk, into_grad
         rows = [slice(i, i + chunk) for i in range(0, max(1, len(h)), chunk)]
         parts = [_head_logps(h[r], targets[r], weight, bias, softcap)[:2] for r in rows]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -351,7 +349,8 @@ class HeadLogps(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         h, targets, weight, bias = ctx.saved_tensors
         softcap = ctx.softcap
-        grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(weight)
+        into = ctx.into_grad and weight.grad is not None  # a second micro-batch's: added in place
+        grad_h, grad_w = torch.zeros_like(h), weight.grad if into else torch.zeros_like(weight)
         grad_b = None if bias is None else torch.zeros_like(bias)
         for i in range(0, len(h), ctx.chunk):
             r = slice(i, i + ctx.chunk)
@@ -368,7 +367,9 @@ class HeadLogps(torch.autograd.Function):
             grad_w.addmm_(g.T, h[r].to(weight.dtype))
             if bias is not None:
                 grad_b += g.sum(0)
-        return grad_h, None, grad_w, grad_b, None, None
+        if ctx.into_grad:
+            weight.grad = grad_w
+        return grad_h, None, None if ctx.into_grad else grad_w, grad_b, None, None, None
 
 
 def share_prefixes(input_ids, attention_mask, config):
@@ -412,7 +413,8 @@ def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=64
     h, targets = hidden[mask], input_ids[:, 1:][mask]
     head = unwrap(model).get_output_embeddings()
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-    values = HeadLogps.apply(h, targets, head.weight, head.bias, softcap, chunk_size)
+    into_grad = getattr(unwrap(model).get_input_embeddings(), "sparse", False)  # wrap_model's
+    values = HeadLogps.apply(h, targets, head.weight, head.bias, softcap, chunk_size, into_grad)
     logps = torch.zeros(input_ids.shape, device=h.device, dtype=torch.float32)
     entropy = torch.zeros_like(logps)
     logps[:, 1:] = logps[:, 1:].masked_scatter(mask, values[0])
@@ -511,13 +513,11 @@ def load_models(run, args, tokenizer, stop_token_ids, keep_generator_weights=Fal
     DDP or FSDP2, AdamW and its schedule; the checkpoint, if resuming; the run folder.
     keep_generator_weights: a CPU copy of the generator's weights for validate() (deviation 2), from
     the seed's on, what a fresh generator holds (a resumed `--sync inf` run's stays the seed)."""
-    device, trust = run.device, args.trust_remote_code
-    run.tokenizer = tokenizer
-    max_len = args.max_prompt_tokens + args.max_new_tokens
+    device, trust, run.tokenizer = run.device, args.trust_remote_code, tokenizer
     # the generator first: vLLM takes its share (--vllm_memory) of a GPU's memory while it is free
     run.sampler = make_sampler(args.sampler, args.model, tokenizer, device, args.seed + run.rank,
-                               stop_token_ids, max_len, run.copies_bf16, args.vllm_memory,
-                               trust)  # fmt: skip
+                               stop_token_ids, args.max_prompt_tokens + args.max_new_tokens,
+                               run.copies_bf16, args.vllm_memory, trust)  # fmt: skip
     # on a CPU too: recomputing the layers is cheap beside a 262k vocabulary's head; 0.5 GB less
     policy = load_model(args.model, device, torch.float32, trust, args.grad_ckpt)
     if keep_generator_weights:

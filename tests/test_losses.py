@@ -47,6 +47,19 @@ def tiny_random_model(vocab=50):
     return LlamaForCausalLM(cfg).float()
 
 
+def tiny_gemma3():
+    """Gemma-3's shape in small: sliding-window layers, soft-capped logits, tied embeddings."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    layers = ["sliding_attention", "full_attention"]
+    config = Gemma3TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=16, pad_token_id=0, sliding_window=64, layer_types=layers,
+                              final_logit_softcapping=30.0, tie_word_embeddings=True)  # fmt: skip
+    return Gemma3ForCausalLM(config).float()
+
+
 def test_token_logps_matches_full_logits():
     model = tiny_random_model()
     prompts = [[5, 6, 7], [8, 9]]
@@ -124,8 +137,6 @@ def test_token_logps_shared_prefixes_equal_the_padded_batch(arch):
     """Prompts with a common few-shot part, groups of responses per prompt: the log-probs, entropy
     and gradient with each prefix computed once equal the padded batch's, for Llama and for Gemma-3
     (its sliding-window layers, soft-capped logits)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     from common import share_prefixes
 
     rng = random.Random(0)
@@ -136,16 +147,7 @@ def test_token_logps_shared_prefixes_equal_the_padded_batch(arch):
         for _ in range(2):
             prompts.append(problem)
             responses.append([rng.randrange(3, 50) for _ in range(rng.randrange(1, 9))])
-    if arch == "llama":
-        model = tiny_random_model()
-    else:
-        torch.manual_seed(0)
-        layers = ["sliding_attention", "full_attention"]
-        config = Gemma3TextConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                  head_dim=16, pad_token_id=0, sliding_window=64,
-                                  layer_types=layers, final_logit_softcapping=30.0)  # fmt: skip
-        model = Gemma3ForCausalLM(config).float()
+    model = tiny_random_model() if arch == "llama" else tiny_gemma3()
     model.config._attn_implementation = "sdpa"
     padded = pad_sequences(prompts, responses, 0, torch.device("cpu"))
     assert len(share_prefixes(*padded[:2], model.config)[0][0]) < padded[0].numel() / 2
@@ -162,6 +164,34 @@ def test_token_logps_shared_prefixes_equal_the_padded_batch(arch):
     assert torch.allclose(ent_shared, ent, atol=1e-5)
     # fp32 rounding: another order of sums (observed ~1e-7 of the gradient's scale)
     assert torch.allclose(grad_shared, grad, rtol=0, atol=1e-5 * grad.abs().max())
+
+
+def test_one_process_tied_embedding_gradient_is_autograds():
+    """One process, tied embeddings (Gemma's): wrap_model makes the lookup's gradient sparse and
+    the head adds its own straight into weight.grad (no [V, D] summed out of place). Over two
+    micro-batches' backward, every .grad equals plain autograd's, dense, and AdamW steps on it; an
+    untied model keeps the dense path."""
+    from common import wrap_model
+
+    prompts, responses = [[5, 6, 7], [8, 9], [5, 6]], [[10, 11], [12], [13, 14, 15]]
+    padded = pad_sequences(prompts, responses, 0, torch.device("cpu"))
+    grads = []
+    for wrapped in (False, True):
+        model = tiny_gemma3()
+        model = wrap_model(model, torch.device("cpu")) if wrapped else model
+        assert model.get_input_embeddings().sparse == wrapped
+        for weight in (1.0, 0.5):  # two micro-batches: the second adds to the first in place
+            logps, entropy = token_logps(model, *padded, chunk_size=2)
+            (weight * logps.sum() + entropy.sum()).backward()
+        assert model.get_input_embeddings().weight.grad.layout == torch.strided
+        grads.append([p.grad.clone() for p in model.parameters()])
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True).step()
+        assert all((p - b).abs().max() > 0 for p, b in zip(model.parameters(), before))
+    for dense, ours in zip(*grads):
+        assert dense.norm() > 0
+        assert torch.allclose(ours, dense, rtol=0, atol=1e-6 * dense.abs().max())
+    assert not wrap_model(tiny_random_model(), torch.device("cpu")).get_input_embeddings().sparse
 
 
 def test_grpo_advantages_by_hand():
