@@ -1,7 +1,7 @@
 """Seconds per step and peak memory: this project's online DPO and GRPO against TRL's trainers on
 the same work (the embedded default's model and prompts, fp32 on a CPU), each run alone.
 
-  python bench/bench.py                       # ours (vLLM and HF samplers), then TRL; ~40 min
+  python bench/bench.py                       # ours (vLLM and HF samplers), then TRL; ~30 min
   python bench/bench.py --only ours --steps 4 # without TRL (no second venv needed)
 
 Work per step: online DPO (--sync 1), 8 prompts x 2 responses; GRPO, 8 prompts x 4 responses; 40
