@@ -35,7 +35,7 @@ from common import (add_sums, all_gather, generate, iter_weights, make_sampler, 
 from data import (BENCHMARKS, JUDGED, PLAIN_TEMPLATE, build_prompt, default_model_path,
                   load_benchmark, load_task, load_tokenizer, stop_token_ids)  # fmt: skip
 from flags import (checkpoints, fail, flag, load_weights, log_metrics, parse_args,
-                   save_checkpoint)  # fmt: skip
+                   save_checkpoint, trim_heap)  # fmt: skip
 
 # ---- Math reward: Math-Verify in a pool of worker processes, started once and awaited before an
 # answer is timed, so a hang can be killed and any thread may call it. A worker is plain Python (no
@@ -244,6 +244,7 @@ def rollout(run, rows, batches, n, step, metrics):
     else:
         seeds = [run.seed * 100003 + (step + k) * run.world + run.rank for k in range(len(batches))]
         groups = [generate(run.sampler, ps, n, *sampling, seed=s) for ps, s in zip(prompts, seeds)]
+    trim_heap()  # the engine's freed buffers, else under the next backward's peak
     metrics["time_gen"] = metrics.get("time_gen", 0.0) + time.time() - t0
     t0 = time.time()
     results = []
@@ -283,8 +284,9 @@ def end_run(run, val_rows, steps):
     run.sampler.held = None  # the generator keeps the final weights: nothing to give back
     log_metrics(run, {"step": steps} | validate(run, val_rows, current=False))
     save_checkpoint(run, steps)
-    # summed in float64 without a float64 copy (Gemma's embedding's: 1.3 GB, once the run's peak)
-    fingerprint = sum(t.sum(dtype=torch.float64).item() for _, t in iter_weights(run.model))
+    # float64, 2^20 values at a time: sum(dtype=) casts the whole tensor (an embedding: 1.3 GB)
+    weights = (t.reshape(-1).split(2**20) for _, t in iter_weights(run.model))
+    fingerprint = sum(c.sum(dtype=torch.float64).item() for chunks in weights for c in chunks)
     line = f"rank {run.rank} weights fingerprint {fingerprint:.17g}\n"
     print(line, end="", flush=True)  # one write: the ranks' lines do not interleave
     validated = [r for r in run.history if "val_reward" in r]

