@@ -22,6 +22,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+# oneDNN (torch's bf16 matmuls on a CPU) keeps a compiled kernel for every input shape it meets, up
+# to 1024 in each of two caches, about 0.7 MB a shape: the bf16 reference's forward at each step's
+# new sequence lengths grew the heap 4 MB a step, to 0.7 GB. One forward's few shapes fit in 64.
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):  # read at the first use
+    os.environ.setdefault(_cache, "64")
+
 
 def distributed():
     """Two or more torchrun ranks (in one process, vLLM starts a 1-rank group of its own)."""
