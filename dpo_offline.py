@@ -41,7 +41,7 @@ from common import (Sample, add_sums, all_gather, all_reduce, dpo_loss,
                     generator_logps, grad_sync, load_models, micro_batches,
                     optimizer_step, print0, progress, sequence_logps, start_run,
                     token_sums)  # fmt: skip
-from data import build_prompt, load_task, read_jsonl, step_batch, stop_token_ids
+from data import build_prompt, load_task, read_jsonl, step_batch
 from dpo_semionline import make_pairs  # section 2's pairs, as online
 from eval import end_run, load_reward_model, rollout, validate
 from flags import RunArgs, barrier, end_step, fail, flag, parse_args, save_checkpoint
@@ -148,7 +148,7 @@ def main():
     # ---- setup (TRY NOT TO MODIFY): torchrun and the run folder; the task; the models ----
     run = start_run(args)
     tokenizer, train_rows, val_rows = load_task(args)  # a bad row stops here, before any model
-    load_models(run, args, tokenizer, stop_token_ids(tokenizer))  # policy, ref, generator
+    load_models(run, args, tokenizer, train_rows)  # policy, ref, generator
     run.rm = load_reward_model(args.reward_model, run.device, args.trust_remote_code)
 
     # ---- phase 1: n responses per prompt from the seed model, once, paired: <out>/pairs.jsonl ----

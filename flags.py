@@ -90,8 +90,9 @@ class RunArgs:
         "auto", "vllm, hf, auto (vllm if installed)", choices=["vllm", "hf", "auto"]
     )
     vllm_memory: float = flag(0.3, "fraction of GPU memory vLLM may take", gt=0, max=1)
-    bf16: bool | None = flag(
-        None, "bf16 compute on fp32 master weights (default: on CUDA; bf16 CPU: ref, generator)"
+    bf16: bool | None = flag(None, "bf16 compute on fp32 master weights (default: on CUDA)")
+    generator_bf16: bool | None = flag(
+        None, "the generator's weights in bf16 (default: with --bf16, or unset on a bf16 CPU)"
     )
     grad_ckpt: bool = flag(True, "activation checkpointing: each decoder layer recomputed")
     fsdp: bool | None = flag(None, "FSDP2 shards, not DDP replicas (default: CUDA and >1 rank)")

@@ -42,7 +42,7 @@ from common import (add_sums, all_reduce, copy_weights, dpo_loss,
                     load_models, micro_batches, optimizer_step, progress,
                     sequence_logps, start_run, sync_weights,
                     token_sums)  # fmt: skip
-from data import load_task, rollout_steps, step_batch, stop_token_ids
+from data import load_task, rollout_steps, step_batch
 from eval import end_run, load_reward_model, rollout, validate
 from flags import RunArgs, end_step, flag, parse_args, save_checkpoint
 
@@ -131,7 +131,7 @@ def main():
     run = start_run(args)
     tokenizer, train_rows, val_rows = load_task(args)  # a bad row stops here, before any model
     keep = args.val_every % args.sync != 0  # a validation can fall between two syncs: deviation 2
-    load_models(run, args, tokenizer, stop_token_ids(tokenizer), keep)  # policy, ref, generator
+    load_models(run, args, tokenizer, train_rows, keep)  # policy, ref, generator
     run.rm = load_reward_model(args.reward_model, run.device, args.trust_remote_code)
 
     ahead = {}  # rollouts sampled ahead of their step (rollout_steps), by step

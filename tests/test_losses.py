@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common import Sample, dpo_loss, grpo_advantages, grpo_loss, pad_sequences, token_logps
 from group_dpo import group_dpo_loss, group_labels
@@ -86,10 +87,10 @@ def test_token_logps_matches_full_logits():
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_head_logps_gradient_is_autograds(softcap):
-    """The chunked output layer's hand-written backward (log p(target) and entropy, soft-capped
-    logits, a bias) against autograd through the whole [rows, V] logits."""
+@pytest.mark.parametrize("scale, softcap", [(1.0, None), (1.0, 3.0), (0.25, None), (8.0, 3.0)])
+def test_head_logps_gradient_is_autograds(scale, softcap):
+    """The chunked output layer's hand-written backward (log p(target) and entropy, scaled and
+    soft-capped logits, a bias) against autograd through the whole [rows, V] logits."""
     from common import HeadLogps, _head_logps
 
     torch.manual_seed(0)
@@ -99,8 +100,11 @@ def test_head_logps_gradient_is_autograds(softcap):
     targets = torch.randint(0, 11, (7,))
     g_logp, g_entropy = torch.randn(7), torch.randn(7)
     results = []
-    for head in (lambda: HeadLogps.apply(h, targets, weight, bias, softcap, 3),
-                 lambda: _head_logps(h, targets, weight, bias, softcap)[:2]):  # fmt: skip
+    heads = (
+        lambda: HeadLogps.apply(h, targets, weight, bias, scale, softcap, 3),
+        lambda: _head_logps(h, targets, weight, bias, scale, softcap)[:2],
+    )
+    for head in heads:
         logp, entropy = head()
         grads = torch.autograd.grad((logp * g_logp + entropy * g_entropy).sum(), (h, weight, bias))
         results.append((logp, entropy, *grads))
@@ -108,15 +112,47 @@ def test_head_logps_gradient_is_autograds(softcap):
         assert torch.allclose(ours, autograds, atol=1e-5)
 
 
-def test_share_prefixes_is_a_trie_with_tree_attention():
-    from types import SimpleNamespace
+def test_head_gradient_of_a_bf16_weight_is_no_worse_than_autograds():
+    """FSDP2's mixed precision hands the output layer a bf16 weight. Over 256 chunks (8 x 2,048
+    response tokens at 64 a chunk) W's and b's gradients add up in fp32 and are rounded once, so
+    their error against fp64 is at most plain autograd's in bf16 (its GEMM rounds once too, and its
+    logits' gradient before that); rounded once per chunk it was twice autograd's."""
+    from common import HeadLogps, _head_logps
 
+    torch.manual_seed(0)
+    V, D, chunk = 512, 64, 16
+    rows = 256 * chunk
+    h = torch.randn(rows, D).bfloat16().requires_grad_()
+    weight = (torch.randn(V, D) / D**0.5).bfloat16().requires_grad_()
+    bias = torch.randn(V).bfloat16().requires_grad_()
+    targets = torch.randint(0, V, (rows,))
+    g_logp, g_entropy = torch.randn(rows), torch.randn(rows)
+
+    def grads(logp, entropy, inputs):
+        total = (logp.double() * g_logp.double() + entropy.double() * g_entropy.double()).sum()
+        return torch.autograd.grad(total, inputs)
+
+    # fp64 from the same bf16 values: the error measured is the backward's, not the inputs'
+    exact_inputs = [t.detach().double().requires_grad_() for t in (weight, bias)]
+    logits = F.linear(h.double(), *exact_inputs)
+    logp_all = logits.log_softmax(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    exact = grads(logp_all.gather(-1, targets[:, None])[:, 0], entropy, exact_inputs)
+    ours = grads(*HeadLogps.apply(h, targets, weight, bias, 1.0, None, chunk), (weight, bias))
+    autograds = grads(*_head_logps(h, targets, weight, bias, 1.0, None)[:2], (weight, bias))
+    for name, e, o, a in zip(("W", "b"), exact, ours, autograds):
+        assert o.dtype == torch.bfloat16
+        ours_error = ((o.double() - e).norm() / e.norm()).item()
+        autograd_error = ((a.double() - e).norm() / e.norm()).item()
+        assert 0 < ours_error <= autograd_error, (name, ours_error, autograd_error)
+
+
+def test_share_prefixes_is_a_trie_with_tree_attention():
     from common import share_prefixes
 
     seqs = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]]
     input_ids, attn, _ = pad_sequences(seqs, [[]] * 3, 0, torch.device("cpu"))
-    sdpa = SimpleNamespace(_attn_implementation="sdpa")
-    ids, position_ids, mask, index = share_prefixes(input_ids, attn, sdpa)
+    ids, position_ids, mask, index = share_prefixes(input_ids, attn)
     assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7]]  # 7 tokens for the batch's 12
     assert position_ids.tolist() == [[0, 1, 2, 3, 3, 4, 2]]  # each token's depth
     assert index.tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 4, 5], [0, 1, 6, 0, 0]]
@@ -124,12 +160,53 @@ def test_share_prefixes_is_a_trie_with_tree_attention():
                  5: [0, 1, 2, 4, 5], 6: [0, 1, 6]}  # fmt: skip
     for a, path in ancestors.items():  # each token sees its own path, not its siblings'
         assert mask[0, 0, a].nonzero()[:, 0].tolist() == path
-    # nothing shared, another attention, or a window shorter than a sequence: the padded batch
+    assert mask.shape == (1, 1, 7, 7) and mask.sum() == sum(map(len, ancestors.values()))
+    # nothing shared, or a window shorter than a sequence: the padded batch
     lone, lone_attn, _ = pad_sequences([[1, 2], [3, 4]], [[], []], 0, torch.device("cpu"))
-    assert share_prefixes(lone, lone_attn, sdpa) is None
-    assert share_prefixes(input_ids, attn, SimpleNamespace(_attn_implementation="eager")) is None
-    windowed = SimpleNamespace(_attn_implementation="sdpa", sliding_window=4)
-    assert share_prefixes(input_ids, attn, windowed) is None
+    assert share_prefixes(lone, lone_attn) is None
+    assert share_prefixes(input_ids, attn, window=5) is not None
+    assert share_prefixes(input_ids, attn, window=4) is None
+
+
+def test_share_prefixes_attention_never_costs_more_than_the_padded_batch():
+    """The packed row's attention is dense, N x N: two long sequences behind a short common prefix
+    would save a third of the tokens and cost more attention than the padded batch's 2 L^2."""
+    from common import share_prefixes
+
+    shared, own = list(range(1, 41)), [list(range(100, 160)), list(range(200, 260))]
+    ids, attn, _ = pad_sequences([shared, shared], own, 0, torch.device("cpu"))
+    assert share_prefixes(ids, attn) is None  # N = 160 of 200 tokens, 160^2 > 2 x 100^2
+    ids, attn, _ = pad_sequences([shared + own[0]] * 3, [[7], [8], [9]], 0, torch.device("cpu"))
+    assert share_prefixes(ids, attn)[0].shape[1] == 103  # N = 103 of 303, 103^2 < 3 x 101^2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_share_prefixes_equals_a_trie_built_token_by_token(seed):
+    """The vectorised trie against the plain one: a dict of (parent, token) -> node, in order."""
+    from common import share_prefixes
+
+    rng = random.Random(seed)
+    stem = [rng.randrange(1, 4) for _ in range(6)]
+    seqs = [stem[: rng.randrange(7)] + [rng.randrange(1, 4) for _ in range(rng.randrange(1, 9))]]
+    for _ in range(rng.randrange(4, 12)):
+        seqs.append(rng.choice(seqs)[: rng.randrange(1, 10)] + [rng.randrange(1, 4)])
+    input_ids, attn, _ = pad_sequences(seqs, [[]] * len(seqs), 0, torch.device("cpu"))
+    trie, index = {}, []
+    for seq in seqs:
+        node, places = -1, []
+        for t in seq:
+            node = trie.setdefault((node, t), len(trie))
+            places.append(node)
+        index.append(places + [0] * (input_ids.shape[1] - len(seq)))
+    packed = share_prefixes(input_ids, attn, guard=False)
+    assert packed[0].tolist() == [[t for _, t in trie]] and packed[3].tolist() == index
+    parent = {node: p for (p, _), node in trie.items()}
+    for node in range(len(trie)):
+        path = [node]
+        while parent[path[-1]] >= 0:
+            path.append(parent[path[-1]])
+        assert packed[2][0, 0, node].nonzero()[:, 0].tolist() == sorted(path)
+        assert packed[1][0, node] == len(path) - 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -150,7 +227,7 @@ def test_token_logps_shared_prefixes_equal_the_padded_batch(arch):
     model = tiny_random_model() if arch == "llama" else tiny_gemma3()
     model.config._attn_implementation = "sdpa"
     padded = pad_sequences(prompts, responses, 0, torch.device("cpu"))
-    assert len(share_prefixes(*padded[:2], model.config)[0][0]) < padded[0].numel() / 2
+    assert len(share_prefixes(*padded[:2])[0][0]) < padded[0].numel() / 2
     weights = torch.arange(1.0, len(prompts) + 1)  # a different weight per sequence
     results = []
     for share in (False, True):
