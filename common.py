@@ -513,17 +513,17 @@ def share_prefixes(input_ids, attention_mask, window=math.inf, guard=True):
     return input_ids[new][None], node_depth[None], mask[None, None], index
 
 
-def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=64, share=True,
-                fast_head=True):  # fmt: skip
+def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=64, **shortcuts):
     """log pi(y_t | x, y_<t) and next-token entropy at response positions, 0 elsewhere, [B, L] each:
-    reference_logps, two shortcuts on. share: a prefix the batch's sequences share computed once
-    (share_prefixes) where shareable_length allows it. fast_head: the output layer at response
-    positions only, 64 at a time (67 MB of Gemma's fp32 logits, 4x that in temporaries), recomputed
-    in backward (HeadLogps). check_logps turns either off where it is not exact for the model."""
-    if not fast_head:
+    reference_logps, with two shortcuts, each on unless `shortcuts` says False. share: a prefix the
+    batch's sequences share computed once (share_prefixes) where shareable_length allows it.
+    fast_head: the output layer at response positions only, 64 at a time (67 MB of Gemma's fp32
+    logits, 4x that in temporaries), recomputed in backward (HeadLogps). check_logps turns either
+    off where it is not exact for the model at hand."""
+    if not shortcuts.get("fast_head", True):
         return reference_logps(model, input_ids, attention_mask, completion_mask)
     config = unwrap(model).config
-    window = shareable_length(config)[0] if share else 0
+    window = shareable_length(config)[0] if shortcuts.get("share", True) else 0
     packed = window > 0 and share_prefixes(input_ids, attention_mask, window)
     ids, position_ids, mask, index = packed or (input_ids, None, attention_mask, None)
     kwargs = {"output_hidden_states": True, "logits_to_keep": 1}  # the head runs below, chunked
@@ -573,16 +573,22 @@ def check_logps(model, prompts, max_new_tokens, tolerance=5e-3):
         return max(diffs)
 
     name = type(model).__name__
-    error = worst(share=False, fast_head=True)
-    if not error <= tolerance:  # NaN included
-        print0(f"log-prob check: {name}'s chunked output layer is off by {error:.3g} nats: full "
-               "logits instead (more memory)")  # fmt: skip
+    head_error = worst(share=False, fast_head=True)
+    if not head_error <= tolerance:  # NaN included
+        print0(
+            f"log-prob check, {name}: the chunked output layer is off by {head_error:.3g} nats: "
+            "off, full logits instead (more memory)"
+        )
         return {"share": False, "fast_head": False}
     why = shareable_length(model.config)[1]
-    error = 0.0 if why else worst(share=True, fast_head=True)
-    if why or not error <= tolerance:
-        print0(f"log-prob check: prefix sharing off for {name} ({why or f'off by {error:.3g}'})")
-    return {"share": not why and error <= tolerance, "fast_head": True}
+    share_error = math.nan if why else worst(share=True, fast_head=True)
+    share = share_error <= tolerance
+    sharing = f"on, within {share_error:.1g}" if share else f"off ({why or f'{share_error:.3g}'})"
+    print0(
+        f"log-prob check, {name}: chunked output layer within {head_error:.1g} nats of the full "
+        f"logits; prefix sharing {sharing}"
+    )
+    return {"share": share, "fast_head": True}
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -694,9 +700,10 @@ def load_models(run, args, tokenizer, train_rows, keep_generator_weights=False):
     device, trust, run.tokenizer = run.device, args.trust_remote_code, tokenizer
     # the generator first: vLLM takes its share (--vllm_memory) of a GPU's memory while it is free
     max_model_len = args.max_prompt_tokens + args.max_new_tokens
-    run.sampler = make_sampler(args.sampler, args.model, tokenizer, device, args.seed + run.rank,
-                               stop_token_ids(tokenizer), max_model_len, run.generator_bf16,
-                               args.vllm_memory, trust, stochastic=not run.bf16)  # fmt: skip
+    seed, stop = args.seed + run.rank, stop_token_ids(tokenizer)
+    sampler = (args.sampler, args.model, tokenizer, device, seed, stop, max_model_len)
+    sampler += (run.generator_bf16, args.vllm_memory, trust)
+    run.sampler = make_sampler(*sampler, stochastic=not run.bf16)
     # on a CPU too: recomputing the layers is cheap beside a 262k vocabulary's head; 0.5 GB less
     policy = load_model(args.model, device, torch.float32, trust, args.grad_ckpt)
     prompts = [build_prompt(tokenizer, train_rows[k % len(train_rows)]) for k in (0, 1)]
@@ -714,8 +721,8 @@ def load_models(run, args, tokenizer, train_rows, keep_generator_weights=False):
     run.optimizer, run.scheduler = make_optimizer(run.model, args)
     if run.ckpt:
         run.start = load_checkpoint(run.ckpt, run.model, run.optimizer, run.scheduler)
-    layout = dict(world_size=run.world, bf16=run.bf16, generator_bf16=run.generator_bf16,
-                  fsdp=run.fsdp, logps_shortcuts=run.shortcuts)  # fmt: skip
+    layout = {"world_size": run.world, "bf16": run.bf16, "generator_bf16": run.generator_bf16}
+    layout |= {"fsdp": run.fsdp, "logps_shortcuts": run.shortcuts}
     config = dataclasses.asdict(args) | layout
     run.history = all_gather(open_run(run.out, config, run.start, args.overwrite))[0]
     run.skipped_steps = max([r.get("skipped_steps", 0) for r in run.history], default=0)

@@ -126,6 +126,19 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model(cache or str(tmp_path_factory.mktemp("tiny_model")))
 
 
+@pytest.fixture(scope="session")
+def tiny_model_bf16(tiny_model, tmp_path_factory):
+    """The tiny model saved in bf16, as Gemma-3-270M and most published checkpoints are: the fp32
+    master weights start on bf16 values, where rounding to the nearest at a sync drops every update
+    under half an ulp (fp32 seed weights would dither it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("tiny_model_bf16"))
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return path
+
+
 def run_script(script, *args, env=None, timeout=900, nproc=1, check=True):
     """Runs a training script as a user would (or under torchrun); returns the completed process."""
     cmd = [sys.executable]

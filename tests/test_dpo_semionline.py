@@ -53,6 +53,53 @@ def train_rows(out):
     return [r for r in metrics(out) if "loss" in r]
 
 
+# a learning rate whose AdamW steps (about lr per weight) are under half a bf16 ulp of most of the
+# tiny model's weights (|w| about 0.02: half an ulp 4e-5), yet move its log-probs within a step
+SUBULP = ["--lr", 3e-5, "--sampler", "hf", "--generator_bf16", "true"]
+
+
+def test_a_sync_hands_a_bf16_generator_the_whole_update(tiny_model_bf16, rm_task, tmp_path):
+    """An fp32 policy from a bf16 checkpoint beside a bf16 generator, synced every 2 steps of 8.
+    Rounded to the nearest at a sync (main at 32b9a5f), the generator kept most weights at the
+    seed's, and |logp_gap| at the synced steps 2, 4, 6 reached 6e-3 and 1.1e-2; stochastically
+    rounded it gets the whole update on average: under 3e-3 at every sync (measured <= 9e-4), while
+    the stale steps between show the policy moving. The reference (--ref_sync) is then the policy
+    itself: kl 0 at every sync."""
+    out = str(tmp_path / "run")
+    task = ["--model", tiny_model_bf16, *rm_flags(rm_task), *SMALL, *SUBULP]
+    run_script("dpo_semionline.py", *task, "--sync", 2, "--steps", 8, "--out", out)
+    train = train_rows(out)
+    assert [r["synced"] for r in train] == [1, 0] * 4 and all(r["pairs"] for r in train)
+    synced = [abs(r["logp_gap"]) for r in train if r["synced"]]
+    stale = [abs(r["logp_gap"]) for r in train if not r["synced"]]
+    assert max(synced) < 3e-3 < max(stale), (synced, stale)
+    assert all(abs(r["kl"]) < 1e-6 for r in train if r["synced"]), train
+
+
+@pytest.mark.parametrize("generator_bf16", ["false", "true"])
+def test_validation_measures_the_saved_checkpoint(
+    tiny_model_bf16, rm_task, tmp_path, generator_bf16
+):
+    """The run's final validation against eval.py on the checkpoint it saved (the same 40 prompts,
+    seed and sampling; reward-model scores). An fp32 generator holds exactly the saved weights: the
+    same samples, the same mean. A bf16 one holds them stochastically rounded: within 3 SE."""
+    out, evaluated = str(tmp_path / "run"), str(tmp_path / "eval")
+    task = ["--model", tiny_model_bf16, *rm_flags(rm_task), *SMALL, *SUBULP]
+    flags = ["--generator_bf16", generator_bf16, "--steps", 3, "--val_size", 40, "--out", out]
+    run_script("dpo_semionline.py", *task, *flags)
+    final = metrics(out)[-1]
+    checkpoint = os.path.join(out, "step_000003")
+    flags = ["--benchmarks", f"val={rm_task[0]}", "--reward_model", rm_task[1], "--limit", 40]
+    flags += ["--samples", 1, "--max_new_tokens", 48, "--bf16", "false", "--out", evaluated]
+    run_script("eval.py", "--model", checkpoint, "--sampler", "hf", *flags)
+    result = json.load(open(os.path.join(evaluated, "summary.json")))["benchmarks"]["val"]
+    difference = abs(result["reward"] - final["val_reward"])
+    if generator_bf16 == "false":
+        assert difference < 1e-6, (result, final)
+    else:
+        assert difference < 3 * math.hypot(result["reward_se"], final["val_reward_se"])
+
+
 @pytest.mark.parametrize("ref_sync", ["true", "false"])
 def test_sync_inf_samples_from_the_seed(tiny_model, rm_task, tmp_path, ref_sync):
     """--sync inf: the generator is synced once, at step 0, and stays the seed model; so does the
@@ -85,8 +132,16 @@ def test_ref_sync_makes_the_reference_the_generator(tiny_model, rm_task, tmp_pat
     for ref_sync in ("true", "false"):
         out = str(tmp_path / ref_sync)
         flags = ["--sync", 2, "--ref_sync", ref_sync, "--steps", 3, "--out", out]
-        run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", *flags, *SMALL,
-                   *rm_flags(rm_task))  # fmt: skip
+        run_script(
+            "dpo_semionline.py",
+            "--model",
+            tiny_model,
+            "--sampler",
+            "hf",
+            *flags,
+            *SMALL,
+            *rm_flags(rm_task),
+        )
         gaps[ref_sync] = [abs(r["kl"] - r["logp_gap"]) for r in train_rows(out)]
     assert all(g < 1e-5 for g in gaps["true"]), gaps
     assert gaps["false"][0] < 1e-5 and gaps["false"][2] > 1e-3, gaps
@@ -104,15 +159,17 @@ def half_unpaired(tmp_path_factory):
 
 
 @pytest.mark.parametrize("script", ["dpo_semionline.py", "group_dpo.py"])
-def test_normaliser_counts_the_prompts_without_a_pair(tiny_model, rm_task, half_unpaired,
-                                                      tmp_path, script):  # fmt: skip
+def test_normaliser_counts_the_prompts_without_a_pair(
+    tiny_model, rm_task, half_unpaired, tmp_path, script
+):
     """Section 2's normaliser: the summed pair (or group) losses are divided by all the prompts of
     the batch, skipped ones included. At step 0 the policy is the reference, so every pair's loss
     is log 2 (a group's mean too): the logged loss is (prompts that paired) x log 2 / 8."""
     out = str(tmp_path / "run")
     data = ["--data", half_unpaired, "--val_data", rm_task[0], "--reward_model", rm_task[1]]
-    run_script(script, "--model", tiny_model, "--sampler", "hf", "--steps", 1, "--out", out,
-               *SMALL, *data)  # fmt: skip
+    run_script(
+        script, "--model", tiny_model, "--sampler", "hf", "--steps", 1, "--out", out, *SMALL, *data
+    )
     step0 = train_rows(out)[0]
     assert step0["reward_math"] == 0 and "reward_rm" in step0, step0  # the math prompts never pair
     paired = step0["pairs"]  # DPO: a pair per prompt that paired

@@ -520,3 +520,29 @@ def test_dpo_ablation_terms_add_their_gradient(tiny_model, tmp_path, nll_coef, e
     norm = math.sqrt(sum(g.square().sum().item() for g in grads if g is not None))
     assert logged["grad_norm"] == pytest.approx(norm, rel=1e-4), (logged, norm)
     assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_stochastic_round_is_unbiased_and_lands_on_a_neighbour():
+    """fp32 -> bf16 at a sync, from a bf16 checkpoint moved by less than half an ulp (a small
+    learning rate's update): rounded to the nearest, not one weight moves; stochastically, each
+    value lands on one of the two bf16 values around it, the far one with probability equal to the
+    remainder, so over many casts the whole update is handed over. bf16 values stay themselves."""
+    from common import stochastic_round
+
+    torch.manual_seed(0)
+    seed = torch.randn(4096).bfloat16().float()
+    update = torch.rand(4096) * seed.abs() * 2**-9 * torch.randn(4096).sign()  # < half an ulp
+    weights = seed + update
+    assert (weights.bfloat16().float() == seed).all()  # to the nearest: the update is lost
+    draws = [stochastic_round(weights, torch.Generator().manual_seed(k)) for k in range(400)]
+    casts = torch.stack(draws).float()
+    assert draws[0].dtype == torch.bfloat16
+    step = casts - seed  # 0, or one bf16 ulp (at most 2^-7 of the value) towards the weight
+    assert (
+        (step == 0) | ((step.sign() == update.sign()) & (step.abs() <= seed.abs() * 2**-7))
+    ).all()
+    moved = (casts.mean(0) - seed) * update.sign()
+    handed_over = moved.sum() / update.abs().sum()  # 1: the whole update, on average
+    assert abs(handed_over.item() - 1) < 0.05, handed_over
+    exact = torch.randn(1000).bfloat16().float()
+    assert (stochastic_round(exact, torch.Generator().manual_seed(0)).float() == exact).all()
