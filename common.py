@@ -400,6 +400,12 @@ def _head_logps(h, targets, weight, bias, scale, softcap):
     return logp_all.gather(-1, targets[:, None])[:, 0], entropy, logp_all, logits
 
 
+def _autocast_inputs(dtype, *tensors):
+    """The tensors as autocast hands them to a linear layer, cast to `dtype` (None: as they are),
+    once: under autocast each chunk's F.linear would cast the [V, D] weight again."""
+    return [t if t is None or dtype is None else t.to(dtype) for t in tensors]
+
+
 class HeadLogps(torch.autograd.Function):
     """The output layer's log p(target) and entropy, `chunk` rows at a time, no [rows, V] logits
     kept: backward recomputes each chunk's, adding W's gradient into one [V, D] in place (not one
@@ -410,10 +416,11 @@ class HeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, targets, weight, bias, scale, softcap, chunk, into_grad=False):
-        amp = h.device.type  # backward recomputes under the forward's autocast
-        ctx.amp = torch.get_autocast_dtype(amp) if torch.is_autocast_enabled(amp) else None
+        device = h.device.type  # backward recomputes as the forward computed: its autocast
+        ctx.amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.save_for_backward(h, targets, weight, bias)
         ctx.scale, ctx.softcap, ctx.chunk, ctx.into_grad = scale, softcap, chunk, into_grad
+        h, weight, bias = _autocast_inputs(ctx.amp, h, weight, bias)
         rows = [slice(i, i + chunk) for i in range(0, max(1, len(h)), chunk)]
         parts = [_head_logps(h[r], targets[r], weight, bias, scale, softcap)[:2] for r in rows]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -427,11 +434,10 @@ class HeadLogps(torch.autograd.Function):
         grad_h = torch.zeros_like(h)  # a second micro-batch's W gradient: added in place
         grad_w = weight.grad if into else torch.zeros(weight.shape, dtype=fp32, device=h.device)
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=fp32, device=h.device)
+        x, w, b = _autocast_inputs(ctx.amp, h, weight, bias)  # what the forward multiplied
         for i in range(0, len(h), ctx.chunk):
             r = slice(i, i + ctx.chunk)
-            with torch.autocast(h.device.type, ctx.amp or fp32, enabled=bool(ctx.amp)):
-                parts = _head_logps(h[r], targets[r], weight, bias, scale, softcap)
-            _, entropy, logp_all, logits = parts
+            _, entropy, logp_all, logits = _head_logps(x[r], targets[r], w, b, scale, softcap)
             # d log p(t) / dz = onehot(t) - p; d entropy / dz = -p (log p + entropy)
             g_logp, g_entropy = grad_logp[r, None], grad_entropy[r, None]
             g = (logp_all + entropy[:, None]).mul_(g_entropy).add_(g_logp)  # in place: 3 [64, V]
@@ -439,8 +445,8 @@ class HeadLogps(torch.autograd.Function):
             if softcap:  # z = c tanh(v / c): dz / dv = 1 - (z / c)^2
                 g = g * (1 - (logits / softcap) ** 2)
             g = g.mul_(scale) if scale != 1 else g  # v = scale * (h W^T + b)
-            grad_h[r] = g.to(weight.dtype) @ weight
-            grad_w.addmm_(g.T, h[r].to(fp32))  # fp32 products of the chunk's values, fp32 sums
+            grad_h[r] = g.to(w.dtype) @ w
+            grad_w.addmm_(g.T, x[r].to(fp32))  # fp32 products of the chunk's values, fp32 sums
             if bias is not None:
                 grad_b += g.sum(0)
         grad_w = grad_w.to(weight.dtype)  # one rounding, as autograd's one GEMM; fp32: itself
@@ -668,12 +674,13 @@ def start_run(args):
     ckpt = check_run_folder(args.out, args.resume, args.overwrite)
     rank, world, device = setup_dist()
     random.seed(args.seed)
+    # unset: bf16 compute on a GPU, and on a CPU with bf16 matmul (AMX, AVX512-BF16) too, where
+    # it is faster; the generator in bf16 with it. On the embedded default, fp32 compute (--bf16
+    # false) gained nothing in 30 steps where bf16 compute gained 0.19 (docs/results.md)
     cuda = device.type == "cuda"
-    bf16 = cuda if args.bf16 is None else args.bf16  # unset: bf16 compute on a GPU
-    # unset, on a CPU with bf16 matmul (AMX, AVX512-BF16): a bf16 generator, half as big and faster
     cpu_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    generator_bf16 = bf16 or (args.bf16 is None and not cuda and cpu_bf16)
-    generator_bf16 = generator_bf16 if args.generator_bf16 is None else args.generator_bf16
+    bf16 = (cuda or cpu_bf16) if args.bf16 is None else args.bf16
+    generator_bf16 = bf16 if args.generator_bf16 is None else args.generator_bf16
     fsdp = cuda and world > 1 if args.fsdp is None else args.fsdp
     sampling = (args.temperature, args.top_p, args.max_new_tokens)
     layout = (bf16, generator_bf16, fsdp)

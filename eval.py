@@ -487,7 +487,9 @@ class Args:
     select: str = flag("", "run folder: rank its checkpoints by val reward / val length")
     sampler: str = flag("auto", "vllm, hf or auto", choices=["vllm", "hf", "auto"])
     vllm_memory: float = flag(0.5, "share of GPU memory vLLM may take", gt=0, max=1)
-    bf16: bool | None = flag(None, "bf16 generator weights (default: on CUDA)")
+    bf16: bool | None = flag(
+        None, "bf16 weights (default: the config's dtype, on a GPU or bf16 CPU)"
+    )
     seed: int = flag(0, "sampling seed")
     out: str = flag("", "output folder; empty: runs/eval/<model name>")
     trust_remote_code: bool = flag(False, "allow model code from the hub")
@@ -550,7 +552,14 @@ def main():
     tokenizer = load_tokenizer(model_path, trust)
     rm = load_reward_model(args.reward_model, device, trust)
     max_prompt = max(len(build_prompt(tokenizer, r)) for rows in benchmarks.values() for r in rows)
-    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    # unset: the dtype the model declares (a run that computed in bf16 saves "bfloat16": what it
+    # trained and validated is the bf16 cast of its fp32 weights), where the device has bf16 matmul
+    from transformers import AutoConfig
+
+    declared = AutoConfig.from_pretrained(model_path, trust_remote_code=trust).dtype
+    native = device.type == "cuda" or torch.cpu._is_avx512_bf16_supported()
+    native = native or torch.cpu._is_amx_tile_supported()
+    bf16 = native and "bfloat16" in str(declared) if args.bf16 is None else args.bf16
     sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank,
                            stop_token_ids(tokenizer), max_prompt + args.max_new_tokens, bf16,
                            args.vllm_memory, trust)  # fmt: skip

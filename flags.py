@@ -90,10 +90,10 @@ class RunArgs:
         "auto", "vllm, hf, auto (vllm if installed)", choices=["vllm", "hf", "auto"]
     )
     vllm_memory: float = flag(0.3, "fraction of GPU memory vLLM may take", gt=0, max=1)
-    bf16: bool | None = flag(None, "bf16 compute on fp32 master weights (default: on CUDA)")
-    generator_bf16: bool | None = flag(
-        None, "the generator's weights in bf16 (default: with --bf16, or unset on a bf16 CPU)"
+    bf16: bool | None = flag(
+        None, "bf16 compute on fp32 master weights (default: on CUDA and on a bf16 CPU)"
     )
+    generator_bf16: bool | None = flag(None, "the generator's weights in bf16 (default: as --bf16)")
     grad_ckpt: bool = flag(True, "activation checkpointing: each decoder layer recomputed")
     fsdp: bool | None = flag(None, "FSDP2 shards, not DDP replicas (default: CUDA and >1 rank)")
     # Run
@@ -220,8 +220,9 @@ def log_metrics(run, metrics):
 
 
 def save_checkpoint(run, step):
-    """<out>/step_NNNNNN: fp32 weights (FSDP gathers to rank 0's CPU) and trainer_state.pt, written
-    under a temporary name and renamed: a run killed mid-save keeps every earlier one whole."""
+    """<out>/step_NNNNNN: fp32 weights (FSDP gathers to rank 0's CPU), their config's dtype the one
+    the run computed in, and trainer_state.pt, written under a temporary name and renamed: a run
+    killed mid-save keeps every earlier one whole."""
     from torch.distributed.checkpoint import state_dict as dcp
 
     opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # all to rank 0 only
@@ -232,6 +233,12 @@ def save_checkpoint(run, step):
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
         getattr(run.model, "module", run.model).save_pretrained(tmp, state_dict=weights)
+        if run.bf16:  # what was trained is the bf16 cast: loaders that follow the config (vLLM,
+            # transformers, eval.py) load that; the fp32 tensors stay the master weights
+            with open(os.path.join(tmp, "config.json")) as f:
+                config = json.load(f) | {"dtype": "bfloat16"}
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
         run.tokenizer.save_pretrained(tmp)
         rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         state = {"step": step, "optimizer": optimizer, "scheduler": run.scheduler.state_dict()}

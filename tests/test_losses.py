@@ -112,19 +112,22 @@ def test_head_logps_gradient_is_autograds(scale, softcap):
         assert torch.allclose(ours, autograds, atol=1e-5)
 
 
-def test_head_gradient_of_a_bf16_weight_is_no_worse_than_autograds():
-    """FSDP2's mixed precision hands the output layer a bf16 weight. Over 256 chunks (8 x 2,048
-    response tokens at 64 a chunk) W's and b's gradients add up in fp32 and are rounded once, so
-    their error against fp64 is at most plain autograd's in bf16 (its GEMM rounds once too, and its
-    logits' gradient before that); rounded once per chunk it was twice autograd's."""
+@pytest.mark.parametrize("weights", ["bf16", "fp32 under bf16 autocast"])
+def test_head_gradient_in_bf16_is_no_worse_than_autograds(weights):
+    """bf16 compute in the output layer: FSDP2's mixed precision hands it a bf16 weight; autocast
+    (one GPU, DDP, a bf16 CPU) casts an fp32 one. Over 256 chunks (8 x 2,048 response tokens at 64 a
+    chunk) W's and b's gradients add up in fp32 and are rounded once, so their error against fp64
+    (from the same bf16 values) is at most plain autograd's (its logits' gradient rounded to bf16,
+    then its GEMM); rounded once per chunk, a bf16 weight's was five times autograd's."""
     from common import HeadLogps, _head_logps
 
     torch.manual_seed(0)
     V, D, chunk = 512, 64, 16
     rows = 256 * chunk
-    h = torch.randn(rows, D).bfloat16().requires_grad_()
-    weight = (torch.randn(V, D) / D**0.5).bfloat16().requires_grad_()
-    bias = torch.randn(V).bfloat16().requires_grad_()
+    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
+    h = torch.randn(rows, D).bfloat16().to(dtype).requires_grad_()
+    weight = (torch.randn(V, D) / D**0.5).bfloat16().to(dtype).requires_grad_()
+    bias = torch.randn(V).bfloat16().to(dtype).requires_grad_()
     targets = torch.randint(0, V, (rows,))
     g_logp, g_entropy = torch.randn(rows), torch.randn(rows)
 
@@ -138,10 +141,12 @@ def test_head_gradient_of_a_bf16_weight_is_no_worse_than_autograds():
     logp_all = logits.log_softmax(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     exact = grads(logp_all.gather(-1, targets[:, None])[:, 0], entropy, exact_inputs)
-    ours = grads(*HeadLogps.apply(h, targets, weight, bias, 1.0, None, chunk), (weight, bias))
-    autograds = grads(*_head_logps(h, targets, weight, bias, 1.0, None)[:2], (weight, bias))
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.float32):
+        ours = HeadLogps.apply(h, targets, weight, bias, 1.0, None, chunk)
+        autograds = _head_logps(h, targets, weight, bias, 1.0, None)[:2]
+    ours, autograds = grads(*ours, (weight, bias)), grads(*autograds, (weight, bias))
     for name, e, o, a in zip(("W", "b"), exact, ours, autograds):
-        assert o.dtype == torch.bfloat16
+        assert o.dtype == dtype
         ours_error = ((o.double() - e).norm() / e.norm()).item()
         autograd_error = ((a.double() - e).norm() / e.norm()).item()
         assert 0 < ours_error <= autograd_error, (name, ours_error, autograd_error)
