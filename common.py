@@ -674,9 +674,9 @@ def start_run(args):
     ckpt = check_run_folder(args.out, args.resume, args.overwrite)
     rank, world, device = setup_dist()
     random.seed(args.seed)
-    # unset: bf16 compute on a GPU, and on a CPU with bf16 matmul (AMX, AVX512-BF16) too, where
-    # it is faster; the generator in bf16 with it. On the embedded default, fp32 compute (--bf16
-    # false) gained nothing in 30 steps where bf16 compute gained 0.19 (docs/results.md)
+    # unset: bf16 compute on a GPU, and on a CPU with bf16 matmul (AMX, AVX512-BF16) too, as the
+    # paper trains and faster there; the generator in bf16 with it, holding the cast the trainer
+    # computes through (docs/results.md: what the default run measured either way)
     cuda = device.type == "cuda"
     cpu_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     bf16 = (cuda or cpu_bf16) if args.bf16 is None else args.bf16

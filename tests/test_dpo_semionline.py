@@ -76,28 +76,32 @@ def test_a_sync_hands_a_bf16_generator_the_whole_update(tiny_model_bf16, rm_task
     assert all(abs(r["kl"]) < 1e-6 for r in train if r["synced"]), train
 
 
-@pytest.mark.parametrize("generator_bf16", ["false", "true"])
-def test_validation_measures_the_saved_checkpoint(
-    tiny_model_bf16, rm_task, tmp_path, generator_bf16
-):
+@pytest.mark.parametrize("compute", ["fp32", "fp32, bf16 generator", "bf16"])
+def test_validation_measures_the_saved_checkpoint(tiny_model_bf16, rm_task, tmp_path, compute):
     """The run's final validation against eval.py on the checkpoint it saved (the same 40 prompts,
-    seed and sampling; reward-model scores). An fp32 generator holds exactly the saved weights: the
-    same samples, the same mean. A bf16 one holds them stochastically rounded: within 3 SE."""
+    seed and sampling; reward-model scores). fp32: the generator holds exactly the saved weights,
+    the same samples, the same mean. bf16 compute (the default on a GPU or a bf16 CPU): the
+    checkpoint declares bfloat16, and its cast is exactly what the generator held: the same mean
+    again. A bf16 generator beside an fp32 trainer holds them stochastically rounded: 3 SE."""
     out, evaluated = str(tmp_path / "run"), str(tmp_path / "eval")
-    task = ["--model", tiny_model_bf16, *rm_flags(rm_task), *SMALL, *SUBULP]
+    bf16 = {"fp32": "false", "fp32, bf16 generator": "false", "bf16": "true"}[compute]
+    task = ["--model", tiny_model_bf16, *rm_flags(rm_task), *SMALL, *SUBULP, "--bf16", bf16]
+    generator_bf16 = "false" if compute == "fp32" else "true"
     flags = ["--generator_bf16", generator_bf16, "--steps", 3, "--val_size", 40, "--out", out]
     run_script("dpo_semionline.py", *task, *flags)
     final = metrics(out)[-1]
     checkpoint = os.path.join(out, "step_000003")
+    declared = json.load(open(os.path.join(checkpoint, "config.json")))["dtype"]
+    assert declared == ("bfloat16" if bf16 == "true" else "float32")
     flags = ["--benchmarks", f"val={rm_task[0]}", "--reward_model", rm_task[1], "--limit", 40]
-    flags += ["--samples", 1, "--max_new_tokens", 48, "--bf16", "false", "--out", evaluated]
+    flags += ["--samples", 1, "--max_new_tokens", 48, "--bf16", bf16, "--out", evaluated]
     run_script("eval.py", "--model", checkpoint, "--sampler", "hf", *flags)
     result = json.load(open(os.path.join(evaluated, "summary.json")))["benchmarks"]["val"]
     difference = abs(result["reward"] - final["val_reward"])
-    if generator_bf16 == "false":
-        assert difference < 1e-6, (result, final)
-    else:
+    if compute == "fp32, bf16 generator":
         assert difference < 3 * math.hypot(result["reward_se"], final["val_reward_se"])
+    else:
+        assert difference < 1e-6, (result, final)
 
 
 @pytest.mark.parametrize("ref_sync", ["true", "false"])

@@ -1,7 +1,7 @@
 """The shape a reader relies on, counted: each training loop is its algorithm (main() at most 90
-lines, a script at most 230), the plumbing lives once (common.py at most 600 lines, flags.py 300,
-data.py 300, eval.py 600), the formatter's layout and no line over 100 characters, a README that is
-an entry point."""
+lines, a script at most 230), the formatter's layout and no line over 100 characters, a README that
+is an entry point. The shared modules have no line budget: one only made people pack statements
+(STYLE.md, 19)."""
 
 import ast
 import os
@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["dpo_offline.py", "dpo_semionline.py", "grpo.py", "group_dpo.py"]
-BUDGETS = {"common.py": 600, "flags.py": 300, "data.py": 300, "eval.py": 600, "README.md": 250}
+BUDGETS = {"README.md": 250}
 
 
 def lines(name):
@@ -29,7 +29,7 @@ def test_training_script_shape(script):
 
 
 @pytest.mark.parametrize("name", sorted(BUDGETS))
-def test_shared_file_budgets(name):
+def test_readme_budget(name):
     assert len(lines(name)) <= BUDGETS[name], f"{name}: {len(lines(name))} lines"
 
 
