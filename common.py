@@ -488,13 +488,14 @@ def shareable_length(config):
     return (window if sliding else math.inf), None
 
 
-def share_prefixes(input_ids, attention_mask, window=math.inf, guard=True):
+def share_prefixes(input_ids, attention_mask, window=math.inf, token_cost=None):
     """The batch as one row where a prefix that sequences share (the few-shot prompt, a group's
     prompt) is once, a trie: each token attends to its own path, at its depth's position. ids,
     position_ids [1, N], mask [1, 1, N, N], each token's place in the row [B, L] (0 at pads). None
-    if a sequence is longer than `window`, or, with `guard`, if it saves under a third of the tokens
-    or the row's dense attention (N^2) would cost more than the padded batch's (B L^2, what sdpa
-    computes for it). Tensor ops on the device, no loop over tokens."""
+    if a sequence is longer than `window`, or, given token_cost, if the row would not save a third
+    of the padded batch's work: its tokens x token_cost (a token's work in the layers, in units of
+    one query-key pair's) plus its attention's pairs, dense (N^2; the padded batch's B L^2, what
+    sdpa computes for either). Tensor ops on the device, no loop over tokens."""
     B, L = input_ids.shape
     device = input_ids.device
     depth = torch.arange(L, device=device)
@@ -507,7 +508,7 @@ def share_prefixes(input_ids, attention_mask, window=math.inf, guard=True):
     owner = same.int().argmax(1)  # the first sequence with b's prefix up to d: its node
     new = (owner == torch.arange(B, device=device)[:, None]) & valid  # (b, d) adds a node
     n = int(new.sum())
-    if guard and (n > B * L * 2 / 3 or n * n > B * L * L):
+    if token_cost is not None and n * (token_cost + n) > B * L * (token_cost + L) * 2 / 3:
         return None
     place = new.flatten().cumsum(0).view(B, L) - 1  # nodes in (b, d) order: a trie's insertion
     index = place[owner, depth].masked_fill(~valid, 0)  # [B, L]
@@ -530,7 +531,9 @@ def token_logps(model, input_ids, attention_mask, completion_mask, chunk_size=64
         return reference_logps(model, input_ids, attention_mask, completion_mask)
     config = unwrap(model).config
     window = shareable_length(config)[0] if shortcuts.get("share", True) else 0
-    packed = window > 0 and share_prefixes(input_ids, attention_mask, window)
+    # a token's work in a layer (2 x its 12 d^2 weights) in query-key pairs' (4 d each): 6 d
+    token_cost = 6 * config.get_text_config().hidden_size
+    packed = window > 0 and share_prefixes(input_ids, attention_mask, window, token_cost)
     ids, position_ids, mask, index = packed or (input_ids, None, attention_mask, None)
     kwargs = {"output_hidden_states": True, "logits_to_keep": 1}  # the head runs below, chunked
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)

@@ -166,23 +166,32 @@ def test_share_prefixes_is_a_trie_with_tree_attention():
     for a, path in ancestors.items():  # each token sees its own path, not its siblings'
         assert mask[0, 0, a].nonzero()[:, 0].tolist() == path
     assert mask.shape == (1, 1, 7, 7) and mask.sum() == sum(map(len, ancestors.values()))
-    # nothing shared, or a window shorter than a sequence: the padded batch
+    # nothing shared (no work saved), or a window shorter than a sequence: the padded batch
     lone, lone_attn, _ = pad_sequences([[1, 2], [3, 4]], [[], []], 0, torch.device("cpu"))
-    assert share_prefixes(lone, lone_attn) is None
+    assert share_prefixes(lone, lone_attn, token_cost=100) is None
     assert share_prefixes(input_ids, attn, window=5) is not None
     assert share_prefixes(input_ids, attn, window=4) is None
 
 
-def test_share_prefixes_attention_never_costs_more_than_the_padded_batch():
-    """The packed row's attention is dense, N x N: two long sequences behind a short common prefix
-    would save a third of the tokens and cost more attention than the padded batch's 2 L^2."""
+def test_share_prefixes_only_where_it_saves_a_third_of_the_work():
+    """The packed row's attention is dense, N x N. Counted with the layers' work (token_cost a
+    token's, in query-key pairs), it must save a third of the padded batch's: a long prefix shared
+    by many short answers (the few-shot prompt) does; two long answers behind a short common prefix,
+    at paper scale (Llama-8B's hidden size, 2 x (256 + 2048) tokens), do not."""
     from common import share_prefixes
 
-    shared, own = list(range(1, 41)), [list(range(100, 160)), list(range(200, 260))]
-    ids, attn, _ = pad_sequences([shared, shared], own, 0, torch.device("cpu"))
-    assert share_prefixes(ids, attn) is None  # N = 160 of 200 tokens, 160^2 > 2 x 100^2
-    ids, attn, _ = pad_sequences([shared + own[0]] * 3, [[7], [8], [9]], 0, torch.device("cpu"))
-    assert share_prefixes(ids, attn)[0].shape[1] == 103  # N = 103 of 303, 103^2 < 3 x 101^2
+    cpu = torch.device("cpu")
+    fewshot = [list(range(1, 101))] * 16
+    answers = [[200 + k] * 28 for k in range(16)]
+    ids, attn, _ = pad_sequences(fewshot, answers, 0, cpu)
+    packed = share_prefixes(ids, attn, token_cost=6 * 640)  # Gemma-3-270M's hidden size
+    assert packed is not None and packed[0].shape[1] == 100 + 16 * 28
+    # the attention alone would not: 548^2 is over 2/3 of 16 x 128^2
+    assert share_prefixes(ids, attn, token_cost=0) is None
+    prompt, responses = list(range(1, 257)), [[300 + k] * 2048 for k in range(2)]
+    ids, attn, _ = pad_sequences([prompt, prompt], responses, 0, cpu)
+    assert share_prefixes(ids, attn, token_cost=6 * 4096) is None  # saves 256 of 4,608 tokens
+    assert share_prefixes(ids, attn) is not None  # no cost given: the trie regardless
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -203,7 +212,7 @@ def test_share_prefixes_equals_a_trie_built_token_by_token(seed):
             node = trie.setdefault((node, t), len(trie))
             places.append(node)
         index.append(places + [0] * (input_ids.shape[1] - len(seq)))
-    packed = share_prefixes(input_ids, attn, guard=False)
+    packed = share_prefixes(input_ids, attn)
     assert packed[0].tolist() == [[t for _, t in trie]] and packed[3].tolist() == index
     parent = {node: p for (p, _), node in trie.items()}
     for node in range(len(trie)):
