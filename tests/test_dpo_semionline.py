@@ -136,16 +136,8 @@ def test_ref_sync_makes_the_reference_the_generator(tiny_model, rm_task, tmp_pat
     for ref_sync in ("true", "false"):
         out = str(tmp_path / ref_sync)
         flags = ["--sync", 2, "--ref_sync", ref_sync, "--steps", 3, "--out", out]
-        run_script(
-            "dpo_semionline.py",
-            "--model",
-            tiny_model,
-            "--sampler",
-            "hf",
-            *flags,
-            *SMALL,
-            *rm_flags(rm_task),
-        )
+        run_script("dpo_semionline.py", "--model", tiny_model, "--sampler", "hf", *flags, *SMALL,
+                   *rm_flags(rm_task))  # fmt: skip
         gaps[ref_sync] = [abs(r["kl"] - r["logp_gap"]) for r in train_rows(out)]
     assert all(g < 1e-5 for g in gaps["true"]), gaps
     assert gaps["false"][0] < 1e-5 and gaps["false"][2] > 1e-3, gaps
@@ -163,17 +155,15 @@ def half_unpaired(tmp_path_factory):
 
 
 @pytest.mark.parametrize("script", ["dpo_semionline.py", "group_dpo.py"])
-def test_normaliser_counts_the_prompts_without_a_pair(
-    tiny_model, rm_task, half_unpaired, tmp_path, script
-):
+def test_normaliser_counts_the_prompts_without_a_pair(tiny_model, rm_task, half_unpaired,
+                                                      tmp_path, script):  # fmt: skip
     """Section 2's normaliser: the summed pair (or group) losses are divided by all the prompts of
     the batch, skipped ones included. At step 0 the policy is the reference, so every pair's loss
     is log 2 (a group's mean too): the logged loss is (prompts that paired) x log 2 / 8."""
     out = str(tmp_path / "run")
     data = ["--data", half_unpaired, "--val_data", rm_task[0], "--reward_model", rm_task[1]]
-    run_script(
-        script, "--model", tiny_model, "--sampler", "hf", "--steps", 1, "--out", out, *SMALL, *data
-    )
+    run_script(script, "--model", tiny_model, "--sampler", "hf", "--steps", 1, "--out", out,
+               *SMALL, *data)  # fmt: skip
     step0 = train_rows(out)[0]
     assert step0["reward_math"] == 0 and "reward_rm" in step0, step0  # the math prompts never pair
     paired = step0["pairs"]  # DPO: a pair per prompt that paired
