@@ -82,7 +82,7 @@ def test_validation_measures_the_saved_checkpoint(tiny_model_bf16, rm_task, tmp_
     seed and sampling; reward-model scores). fp32: the generator holds exactly the saved weights,
     the same samples, the same mean. bf16 compute (the default on a GPU or a bf16 CPU): the
     checkpoint declares bfloat16, and its cast is exactly what the generator held: the same mean
-    again. A bf16 generator beside an fp32 trainer holds them stochastically rounded: 3 SE."""
+    again. A bf16 generator beside an fp32 trainer holds them stochastically rounded: 4 SE."""
     out, evaluated = str(tmp_path / "run"), str(tmp_path / "eval")
     bf16 = {"fp32": "false", "fp32, bf16 generator": "false", "bf16": "true"}[compute]
     task = ["--model", tiny_model_bf16, *rm_flags(rm_task), *SMALL, *SUBULP, "--bf16", bf16]
@@ -99,7 +99,7 @@ def test_validation_measures_the_saved_checkpoint(tiny_model_bf16, rm_task, tmp_
     result = json.load(open(os.path.join(evaluated, "summary.json")))["benchmarks"]["val"]
     difference = abs(result["reward"] - final["val_reward"])
     if compute == "fp32, bf16 generator":
-        assert difference < 3 * math.hypot(result["reward_se"], final["val_reward_se"])
+        assert difference < 4 * math.hypot(result["reward_se"], final["val_reward_se"])
     else:
         assert difference < 1e-6, (result, final)
 
