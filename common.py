@@ -79,6 +79,12 @@ def add_sums(sums, weight, **values):
 
 
 # ---- Models: fp32 master weights, bf16 compute ----
+def bf16_matmul(device):
+    """Whether the device computes bf16 matmuls natively: a GPU, a CPU with AMX or AVX512-BF16."""
+    cpu = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return device.type == "cuda" or cpu
+
+
 def load_model(path, device, dtype=torch.float32, trust_remote_code=False, grad_ckpt=False):
     """The policy keeps fp32 master weights (in bf16 an update under half an ulp, 0.4% of the value,
     is lost) and computes in bf16 under autocast or FSDP's mixed precision."""
@@ -569,21 +575,26 @@ def check_logps(model, prompts, max_new_tokens, tolerance=5e-3):
             batch_prompts.append(p)
             responses.append([p[i] for i in idx.tolist()])
         batches.append(pad_sequences(batch_prompts, responses, 0, device))
+    plain = []  # the definition, computed once: each sequence alone, [1, n] log-probs and entropy
+    for input_ids, attention_mask, completion_mask in batches:
+        sequences = []
+        for b, n in enumerate(attention_mask.sum(-1).tolist()):
+            one = (t[b : b + 1, :n] for t in (input_ids, attention_mask, completion_mask))
+            sequences.append(reference_logps(model, *one))
+        plain.append(sequences)
 
     def worst(**flags):  # the largest difference from the plain definition over both batches
         diffs = [0.0]
-        for input_ids, attention_mask, completion_mask in batches:
-            fast = token_logps(model, input_ids, attention_mask, completion_mask, **flags)
-            for b in range(len(input_ids)):
-                n = int(attention_mask[b].sum())
-                one = (t[b : b + 1, :n] for t in (input_ids, attention_mask, completion_mask))
-                plain = reference_logps(model, *one)
-                diffs += [(f[b, :n] - p[0]).abs().max().item() for f, p in zip(fast, plain)]
-        return max(diffs)
+        for batch, sequences in zip(batches, plain):
+            fast = token_logps(model, *batch, **flags)
+            for b, values in enumerate(sequences):
+                n = values[0].shape[1]
+                diffs += [(f[b, :n] - p[0]).abs().max().item() for f, p in zip(fast, values)]
+        return max(math.inf if math.isnan(d) else d for d in diffs)  # max() would skip a NaN
 
     name = type(model).__name__
     head_error = worst(share=False, fast_head=True)
-    if not head_error <= tolerance:  # NaN included
+    if not head_error <= tolerance:
         print0(
             f"log-prob check, {name}: the chunked output layer is off by {head_error:.3g} nats: "
             "off, full logits instead (more memory)"
@@ -681,8 +692,7 @@ def start_run(args):
     # paper trains and faster there; the generator in bf16 with it, holding the cast the trainer
     # computes through (docs/results.md: what the default run measured either way)
     cuda = device.type == "cuda"
-    cpu_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    bf16 = (cuda or cpu_bf16) if args.bf16 is None else args.bf16
+    bf16 = bf16_matmul(device) if args.bf16 is None else args.bf16
     generator_bf16 = bf16 if args.generator_bf16 is None else args.generator_bf16
     fsdp = cuda and world > 1 if args.fsdp is None else args.fsdp
     sampling = (args.temperature, args.top_p, args.max_new_tokens)

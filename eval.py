@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (add_sums, all_gather, generate, iter_weights, make_sampler, pad_sequences,
-                    print0, setup_dist, sync_weights)  # fmt: skip
+from common import (add_sums, all_gather, bf16_matmul, generate, iter_weights, make_sampler,
+                    pad_sequences, print0, setup_dist, sync_weights)  # fmt: skip
 from data import (BENCHMARKS, JUDGED, PLAIN_TEMPLATE, build_prompt, default_model_path,
                   load_benchmark, load_task, load_tokenizer, stop_token_ids)  # fmt: skip
 from flags import (checkpoints, fail, flag, load_weights, log_metrics, parse_args,
@@ -557,8 +557,7 @@ def main():
     from transformers import AutoConfig
 
     declared = AutoConfig.from_pretrained(model_path, trust_remote_code=trust).dtype
-    native = device.type == "cuda" or torch.cpu._is_avx512_bf16_supported()
-    native = native or torch.cpu._is_amx_tile_supported()
+    native = bf16_matmul(device)
     bf16 = native and "bfloat16" in str(declared) if args.bf16 is None else args.bf16
     sampler = make_sampler(args.sampler, model_path, tokenizer, device, args.seed + rank,
                            stop_token_ids(tokenizer), max_prompt + args.max_new_tokens, bf16,
